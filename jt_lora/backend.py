@@ -1,0 +1,74 @@
+"""The one place that imports Jittor.
+
+Jittor decides at import time whether to build CUDA kernels: on a machine that
+has ``nvcc`` but no GPU it crashes unless ``nvcc_path`` is empty. We probe for a
+CUDA device through the driver library (no Jittor, no torch) and only then
+import Jittor, so ``import jt_lora`` works everywhere and uses the GPU when
+one is present. Jittor's info logging is silenced unless ``JT_LORA_VERBOSE=1``.
+
+Environment:
+    JT_LORA_DEVICE   ``cpu`` forces the CPU, ``cuda`` insists on CUDA.
+    JT_LORA_VERBOSE  ``1`` keeps Jittor's own info logging.
+"""
+import ctypes
+import os
+
+__all__ = ["jt", "nn", "cuda_device_count", "use_cuda", "onednn_available", "device_name"]
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports (0 when no driver or no GPU)."""
+    for lib in ("libcuda.so.1", "libcuda.so"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        try:
+            if cuda.cuInit(0) != 0:
+                return 0
+            count = ctypes.c_int(0)
+            if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+                return 0
+            return int(count.value)
+        except AttributeError:
+            return 0
+    return 0
+
+
+def _configure_environment() -> bool:
+    """Set Jittor's environment before its import; return whether CUDA will be used."""
+    want = os.environ.get("JT_LORA_DEVICE", "").lower()
+    n_gpu = 0 if want == "cpu" else cuda_device_count()
+    if want == "cuda" and n_gpu == 0:
+        raise RuntimeError("JT_LORA_DEVICE=cuda but the CUDA driver reports no device")
+    if n_gpu == 0:
+        # Without this Jittor tries to initialise CUDA because nvcc exists, and crashes.
+        os.environ["nvcc_path"] = ""
+    if os.environ.get("JT_LORA_VERBOSE", "0") not in ("1", "true", "yes"):
+        os.environ.setdefault("log_silent", "1")
+    return n_gpu > 0
+
+
+_CUDA = _configure_environment()
+
+import jittor as jt  # noqa: E402  (must follow the environment set-up above)
+from jittor import nn  # noqa: E402
+
+if _CUDA and jt.has_cuda:
+    jt.flags.use_cuda = 1
+
+
+def use_cuda() -> bool:
+    """True when Jittor runs its kernels on a CUDA device."""
+    return bool(jt.flags.use_cuda)
+
+
+def device_name() -> str:
+    return "cuda" if use_cuda() else "cpu"
+
+
+def onednn_available() -> bool:
+    """True when Jittor's CPU matmul goes through oneDNN (about 10x faster than its fallback)."""
+    from jittor import compile_extern
+
+    return getattr(compile_extern, "mkl_ops", None) is not None

@@ -1,0 +1,116 @@
+"""(IA)³: learned vectors that rescale a frozen projection's output parts or its input.
+
+On GPT-2, ``c_attn`` keeps q as it is and rescales k and v
+(``enable_ia3=(False, True, True)``), and ``mlp.c_proj`` rescales its input,
+the feed-forward activation (``feedforward=True``). Vectors start at ones, so
+step 0 equals the base model. Both kinds merge exactly into the weight: an
+output-side vector scales the weight's output columns and the bias, an
+input-side one the weight's input rows.
+"""
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .backend import jt, nn
+from .lora import kaiming_uniform
+from .modes import AdapterModule
+
+__all__ = ["IA3Linear"]
+
+
+class IA3Linear(AdapterModule):
+    """A dense (optionally fused) projection with (IA)³ scaling.
+
+    Args:
+        in_features, out_features: layer sizes.
+        enable_ia3: per-part mask of the output (ignored when ``feedforward``).
+        feedforward: scale the input instead of the output.
+        fan_in_fan_out: weight stored as ``[in, out]`` (GPT-2 Conv1D).
+        merge_weights: merge on eval()/unmerge on train().
+    """
+
+    def __init__(self, in_features: int, out_features: int, enable_ia3: Sequence[bool] = (True,),
+                 feedforward: bool = False, fan_in_fan_out: bool = False, merge_weights: bool = True,
+                 bias: bool = True):
+        enable_ia3 = tuple(bool(e) for e in enable_ia3)
+        if out_features % len(enable_ia3) != 0:
+            raise ValueError(f"out_features={out_features} is not divisible into {len(enable_ia3)} parts")
+        self.in_features, self.out_features = in_features, out_features
+        self.enable_ia3 = enable_ia3
+        self.feedforward = feedforward
+        self.fan_in_fan_out = fan_in_fan_out
+        self.merge_weights = merge_weights
+        self.merged = False
+        w = kaiming_uniform((out_features, in_features), in_features)
+        self.weight = (w.transpose() if fan_in_fan_out else w).stop_grad()
+        bound = 1.0 / math.sqrt(in_features)
+        self.bias = jt.array(np.random.uniform(-bound, bound, out_features).astype("float32")) if bias else None
+        self._part = out_features // len(enable_ia3)
+        size = in_features if feedforward else self._part * sum(enable_ia3)
+        self.ia3_l = jt.ones((size,), dtype="float32")
+
+    def scale_vector(self) -> "jt.Var":
+        """The full-length scaling vector: ``[in]`` (feed-forward) or ``[out]`` with ones on untouched parts."""
+        if self.feedforward or all(self.enable_ia3):
+            return self.ia3_l
+        parts, g = [], 0
+        for enabled in self.enable_ia3:
+            if enabled:
+                parts.append(self.ia3_l[g * self._part:(g + 1) * self._part])
+                g += 1
+            else:
+                parts.append(jt.ones((self._part,), dtype=self.ia3_l.dtype))
+        return jt.concat(parts, dim=0)
+
+    def _scaled(self, weight, bias, vec, inverse: bool):
+        if inverse:
+            vec = 1.0 / vec
+        out_axis = 1 if self.fan_in_fan_out else 0
+        axis = 1 - out_axis if self.feedforward else out_axis
+        shape = [1, 1]
+        shape[axis] = -1
+        weight = weight * vec.reshape(shape)
+        if bias is not None and not self.feedforward:
+            bias = bias * vec
+        return weight, bias
+
+    def merge(self):
+        if self.merged:
+            return
+        self._assign(*self._scaled(self.weight, self.bias, self.scale_vector(), inverse=False))
+        self.merged = True
+
+    def unmerge(self):
+        if not self.merged:
+            return
+        self._assign(*self._scaled(self.weight, self.bias, self.scale_vector(), inverse=True))
+        self.merged = False
+
+    def _assign(self, weight, bias):
+        for var, value in ((self.weight, weight), (self.bias, bias)):
+            if var is None:
+                continue
+            frozen = var.is_stop_grad()
+            var.update(value.detach())
+            if frozen:
+                var.stop_grad()
+
+    def _sync_mode(self):
+        if not self.merge_weights:
+            return
+        if self.training and self.merged:
+            self.unmerge()
+        elif not self.training and not self.merged:
+            self.merge()
+
+    def execute(self, x):
+        self._sync_mode()
+        if self.feedforward and not self.merged:
+            x = x * self.scale_vector()
+        y = jt.matmul(x, self.weight) if self.fan_in_fan_out else nn.matmul_transpose(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        if not self.feedforward and not self.merged:
+            y = y * self.scale_vector()
+        return y

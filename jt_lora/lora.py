@@ -1,0 +1,261 @@
+"""LoRA layers with loralib's semantics, plus InA (shunting inhibition) as a gate.
+
+``Linear``, ``Embedding`` and ``MergedLinear`` mirror ``loralib.layers``: the
+frozen weight is stored as the checkpoint stores it (``fan_in_fan_out=True``
+keeps GPT-2's Conv1D layout ``[in, out]``), ``lora_A`` starts kaiming-uniform,
+``lora_B`` at zero (so step 0 equals the base model), scaling is
+``lora_alpha / r``, ``eval()`` merges the update into the weight and
+``train()`` takes it out again.
+
+InA replaces the low-rank path ``B·A·x`` with
+``B·leaky_relu(A·x - inhibition·max_rank(A·x))``: non-linear, so a layer with
+inhibition > 0 never merges; asking it to raises.
+"""
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .backend import jt, nn
+from .modes import AdapterModule
+
+__all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "InhibitionGate", "kaiming_uniform"]
+
+
+def kaiming_uniform(shape, fan_in: int) -> "jt.Var":
+    """torch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jt.array(np.random.uniform(-bound, bound, size=shape).astype("float32"))
+
+
+class InhibitionGate:
+    """Shunting inhibition on the rank dimension of ``A·x`` (InA).
+
+    Each token's activations ``h`` (one group of ``r`` per adapted part) become
+    ``leaky_relu(h - inhibition * max(h), negative_slope)``. ``sign=+1``
+    reproduces the InA reference code, which adds the scaled maximum instead.
+    """
+
+    def __init__(self, inhibition: float, negative_slope: float = 0.1, sign: int = -1):
+        if not 0.0 <= inhibition < 1.0:
+            raise ValueError(f"lora_inhibition must be in [0, 1), got {inhibition}")
+        self.inhibition = float(inhibition)
+        self.negative_slope = float(negative_slope)
+        self.sign = sign
+
+    def __call__(self, h: "jt.Var", groups: int) -> "jt.Var":
+        if self.inhibition == 0.0:
+            return h
+        shape = h.shape  # [..., groups * r]
+        g = h.reshape(shape[:-1] + (groups, shape[-1] // groups))
+        peak = g.max(dim=-1, keepdims=True)
+        g = nn.leaky_relu(g + self.sign * self.inhibition * peak, self.negative_slope)
+        return g.reshape(shape)
+
+
+class LoRALayer(AdapterModule):
+    """State shared by every LoRA layer (loralib's ``LoRALayer``)."""
+
+    def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float,
+                   merge_weights: Optional[bool], lora_inhibition: float = 0.0):
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.gate = InhibitionGate(lora_inhibition)
+        self.scaling = lora_alpha / r if r > 0 else 0.0
+        if merge_weights is None:
+            merge_weights = lora_inhibition == 0.0
+        if merge_weights and lora_inhibition > 0.0:
+            raise ValueError("an InA layer (lora_inhibition > 0) is non-linear and cannot merge its "
+                             "weights; pass merge_weights=False")
+        self.merge_weights = bool(merge_weights)
+        self.merged = False
+
+    @property
+    def lora_inhibition(self) -> float:
+        return self.gate.inhibition
+
+    def _dropout(self, x):
+        if self.lora_dropout > 0 and self.training:
+            return nn.dropout(x, self.lora_dropout, is_train=True)
+        return x
+
+    def _check_mergeable(self):
+        if self.gate.inhibition > 0.0:
+            raise ValueError(f"{type(self).__name__} with lora_inhibition={self.gate.inhibition} is InA: "
+                             "its update is non-linear in x and cannot be merged into the weight")
+
+    # merge/unmerge through the one delta function
+    def merge(self):
+        """Add the low-rank update to the frozen weight (idempotent)."""
+        if self.merged or self.r == 0:
+            return
+        self._check_mergeable()
+        self._set_weight(self.weight + self.delta_weight())
+        self.merged = True
+
+    def unmerge(self):
+        """Take the low-rank update out of the weight again (idempotent)."""
+        if not self.merged:
+            return
+        self._set_weight(self.weight - self.delta_weight())
+        self.merged = False
+
+    def _sync_mode(self):
+        """Merge in eval mode and unmerge in train mode, as loralib does."""
+        if not self.merge_weights or self.r == 0:
+            return
+        if self.training and self.merged:
+            self.unmerge()
+        elif not self.training and not self.merged:
+            self.merge()
+
+    def _set_weight(self, value):
+        frozen = self.weight.is_stop_grad()
+        self.weight.update(value.detach())
+        if frozen:
+            self.weight.stop_grad()
+
+
+class Linear(LoRALayer):
+    """A dense layer with an optional LoRA update (loralib ``Linear``).
+
+    Args:
+        in_features, out_features: layer sizes.
+        r: LoRA rank; 0 means a plain linear layer.
+        lora_alpha: scaling numerator (scaling = lora_alpha / r).
+        lora_dropout: dropout on the input of the low-rank path.
+        fan_in_fan_out: weight stored as ``[in, out]`` (GPT-2 Conv1D) instead of ``[out, in]``.
+        merge_weights: merge on eval()/unmerge on train(); default True unless InA.
+        lora_inhibition: InA inhibition level in [0, 1).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
+                 merge_weights: Optional[bool] = None, lora_inhibition: float = 0.0, bias: bool = True):
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        w = kaiming_uniform((out_features, in_features), in_features)
+        self.weight = w.transpose() if fan_in_fan_out else w
+        bound = 1.0 / math.sqrt(in_features)
+        self.bias = jt.array(np.random.uniform(-bound, bound, out_features).astype("float32")) if bias else None
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition)
+        if r > 0:
+            self.lora_A = kaiming_uniform((r, in_features), in_features)
+            self.lora_B = jt.zeros((out_features, r), dtype="float32")
+            self.weight.stop_grad()
+
+    def delta_weight(self) -> "jt.Var":
+        """scaling · B·A, in the weight's own layout."""
+        d = jt.matmul(self.lora_B, self.lora_A) * self.scaling  # [out, in]
+        return d.transpose() if self.fan_in_fan_out else d
+
+    def base_forward(self, x):
+        y = jt.matmul(x, self.weight) if self.fan_in_fan_out else nn.matmul_transpose(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+    def execute(self, x):
+        self._sync_mode()
+        y = self.base_forward(x)
+        if self.r > 0 and not self.merged:
+            h = nn.matmul_transpose(self._dropout(x), self.lora_A)  # [..., r]
+            h = self.gate(h, 1)
+            y = y + nn.matmul_transpose(h, self.lora_B) * self.scaling
+        return y
+
+
+class Embedding(LoRALayer):
+    """An embedding with an optional LoRA update (loralib ``Embedding``: A zeros, B normal)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
+                 merge_weights: Optional[bool] = None):
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = jt.array(np.random.normal(0, 1, (num_embeddings, embedding_dim)).astype("float32"))
+        self._init_lora(r, lora_alpha, 0.0, merge_weights)
+        if r > 0:
+            self.lora_A = jt.zeros((r, num_embeddings), dtype="float32")
+            self.lora_B = jt.array(np.random.normal(0, 1, (embedding_dim, r)).astype("float32"))
+            self.weight.stop_grad()
+
+    def delta_weight(self):
+        return jt.matmul(self.lora_B, self.lora_A).transpose() * self.scaling  # [num, dim]
+
+    def execute(self, ids):
+        self._sync_mode()
+        y = self.weight[ids]
+        if self.r > 0 and not self.merged:
+            after_a = self.lora_A.transpose()[ids]  # [..., r]
+            y = y + nn.matmul_transpose(after_a, self.lora_B) * self.scaling
+        return y
+
+
+class MergedLinear(LoRALayer):
+    """A fused projection (e.g. GPT-2's ``c_attn`` = q|k|v) with LoRA on some of its parts.
+
+    ``enable_lora`` is a per-part mask: ``(True, False, True)`` adapts q and v of
+    ``c_attn`` and leaves k exactly untouched. Each enabled part has its own
+    rank-``r`` pair; ``lora_A`` stacks them as ``[r·n_enabled, in]`` and
+    ``lora_B`` as ``[out_part·n_enabled, r]``, loralib's grouped layout, so
+    microsoft/LoRA checkpoints load as they are.
+
+    Args: as ``Linear``, plus ``enable_lora`` (tuple of bools, one per part).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
+                 fan_in_fan_out: bool = False, merge_weights: Optional[bool] = None,
+                 lora_inhibition: float = 0.0, bias: bool = True):
+        enable_lora = tuple(bool(e) for e in enable_lora)
+        if out_features % len(enable_lora) != 0:
+            raise ValueError(f"out_features={out_features} is not divisible into {len(enable_lora)} parts")
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.enable_lora = enable_lora
+        w = kaiming_uniform((out_features, in_features), in_features)
+        self.weight = w.transpose() if fan_in_fan_out else w
+        bound = 1.0 / math.sqrt(in_features)
+        self.bias = jt.array(np.random.uniform(-bound, bound, out_features).astype("float32")) if bias else None
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition)
+        self._groups = sum(enable_lora)
+        self._part = out_features // len(enable_lora)
+        if r > 0 and self._groups > 0:
+            self.lora_A = kaiming_uniform((r * self._groups, in_features), in_features)
+            self.lora_B = jt.zeros((self._part * self._groups, r), dtype="float32")
+            self.weight.stop_grad()
+        else:
+            self.r = 0
+
+    def _block_b(self) -> "jt.Var":
+        """lora_B spread into ``[out, r·groups]``: block-diagonal over the enabled parts, zero elsewhere."""
+        r, part = self.r, self._part
+        rows, g = [], 0
+        for enabled in self.enable_lora:
+            cols = []
+            for j in range(self._groups):
+                if enabled and j == g:
+                    cols.append(self.lora_B[g * part:(g + 1) * part])
+                else:
+                    cols.append(jt.zeros((part, r), dtype=self.lora_B.dtype))
+            rows.append(jt.concat(cols, dim=1) if len(cols) > 1 else cols[0])
+            g += int(enabled)
+        return jt.concat(rows, dim=0)
+
+    def delta_weight(self) -> "jt.Var":
+        """scaling · (grouped B·A) zero-padded to the full output, in the weight's layout."""
+        d = jt.matmul(self._block_b(), self.lora_A) * self.scaling  # [out, in]
+        return d.transpose() if self.fan_in_fan_out else d
+
+    def base_forward(self, x):
+        y = jt.matmul(x, self.weight) if self.fan_in_fan_out else nn.matmul_transpose(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+    def execute(self, x):
+        self._sync_mode()
+        y = self.base_forward(x)
+        if self.r > 0 and not self.merged:
+            h = nn.matmul_transpose(self._dropout(x), self.lora_A)  # [..., r·groups]
+            h = self.gate(h, self._groups)
+            y = y + nn.matmul_transpose(h, self._block_b()) * self.scaling
+        return y

@@ -1,0 +1,314 @@
+"""GPT-2 in Jittor with LoRA / InA / (IA)³ adapters, laid out like microsoft/LoRA's model.
+
+Parameter names follow the LoRA replication (``transformer.h.0.attn.c_attn.weight``,
+Conv1D layout ``[in, out]``; ``lora_A``/``lora_B`` on ``c_attn``), so its
+checkpoints and HF GPT-2 weights load as they are. The LM head is tied to
+``wte``. Calling the model mirrors the reference: ``model(input_ids)`` returns
+``(logits, presents)``; with ``lm_labels`` it returns ``(logits, loss)``.
+"""
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .backend import jt, nn
+from .ia3 import IA3Linear
+from .lora import Linear, MergedLinear
+from .modes import AdapterModule
+
+__all__ = ["GPT2Config", "GPT2LMModel", "MODEL_CARDS", "ADAPTERS"]
+
+MODEL_CARDS = {
+    "gpt2.sm": dict(n_embd=768, n_layer=12, n_head=12),
+    "gpt2.md": dict(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2.lg": dict(n_embd=1280, n_layer=36, n_head=20),
+}
+ADAPTERS = ("lora", "ina", "ia3", "none")
+
+
+@dataclass
+class GPT2Config:
+    """Architecture and adapter settings (defaults: GPT-2 small with the LoRA paper's adapter)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    # The LoRA replication trains with no dropout in the base model.
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    # Adapter: "lora", "ina" (LoRA + inhibition), "ia3" or "none".
+    adapter: str = "lora"
+    lora_attn_dim: int = 4            # r
+    lora_attn_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_inhibition: float = 0.0      # InA level in [0, 1); "ina" needs > 0 to differ from LoRA
+    lora_enable: Tuple[bool, ...] = (True, False, True)   # q, k, v parts of c_attn
+    ia3_enable: Tuple[bool, ...] = (False, True, True)    # (IA)3 rescales k and v ...
+    ia3_feedforward: bool = True                          # ... and the input of mlp.c_proj
+    merge_weights: bool = True        # merge adapters into weights on eval() when possible
+
+    def __post_init__(self):
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.adapter in ("lora", "ina") and self.lora_attn_dim <= 0:
+            raise ValueError(f"lora_attn_dim (r) must be > 0 for adapter={self.adapter!r}")
+        if not 0.0 <= self.lora_inhibition < 1.0:
+            raise ValueError(f"lora_inhibition must be in [0, 1), got {self.lora_inhibition}")
+        self.lora_enable = tuple(self.lora_enable)
+        self.ia3_enable = tuple(self.ia3_enable)
+
+    @classmethod
+    def from_card(cls, card: str, **overrides) -> "GPT2Config":
+        """``gpt2.sm`` / ``gpt2.md`` / ``gpt2.lg`` with adapter overrides."""
+        if card not in MODEL_CARDS:
+            raise ValueError(f"unknown model card {card!r}; choose from {sorted(MODEL_CARDS)}")
+        return cls(**{**MODEL_CARDS[card], **overrides})
+
+    def to_dict(self):
+        return asdict(self)
+
+    def replace(self, **changes) -> "GPT2Config":
+        return replace(self, **changes)
+
+
+def gelu(x):
+    """GPT-2's tanh approximation of GELU."""
+    return 0.5 * x * (1.0 + jt.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+class LayerNorm(jt.Module):
+    def __init__(self, n: int, eps: float):
+        self.weight = jt.ones((n,), dtype="float32")
+        self.bias = jt.zeros((n,), dtype="float32")
+        self.eps = eps
+
+    def execute(self, x):
+        u = x.mean(-1, keepdims=True)
+        d = x - u
+        s = (d * d).mean(-1, keepdims=True)
+        return self.weight * (d / jt.sqrt(s + self.eps)) + self.bias
+
+
+def _dropout(module, x, p):
+    return nn.dropout(x, p, is_train=True) if p > 0 and module.training else x
+
+
+def _c_attn(cfg: GPT2Config):
+    n = cfg.n_embd
+    if cfg.adapter in ("lora", "ina"):
+        inhibition = cfg.lora_inhibition if cfg.adapter == "ina" else 0.0
+        return MergedLinear(n, 3 * n, r=cfg.lora_attn_dim, lora_alpha=cfg.lora_attn_alpha,
+                            lora_dropout=cfg.lora_dropout, enable_lora=cfg.lora_enable,
+                            fan_in_fan_out=True, lora_inhibition=inhibition,
+                            merge_weights=cfg.merge_weights and inhibition == 0.0)
+    if cfg.adapter == "ia3" and any(cfg.ia3_enable):
+        return IA3Linear(n, 3 * n, enable_ia3=cfg.ia3_enable, fan_in_fan_out=True,
+                         merge_weights=cfg.merge_weights)
+    return Linear(n, 3 * n, fan_in_fan_out=True)
+
+
+def _mlp_c_proj(cfg: GPT2Config):
+    if cfg.adapter == "ia3" and cfg.ia3_feedforward:
+        return IA3Linear(4 * cfg.n_embd, cfg.n_embd, feedforward=True, fan_in_fan_out=True,
+                         merge_weights=cfg.merge_weights)
+    return Linear(4 * cfg.n_embd, cfg.n_embd, fan_in_fan_out=True)
+
+
+class Attention(AdapterModule):
+    def __init__(self, cfg: GPT2Config):
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.attn_pdrop = cfg.attn_pdrop
+        self.resid_pdrop = cfg.resid_pdrop
+        self.c_attn = _c_attn(cfg)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, fan_in_fan_out=True)
+
+    def _split(self, x):  # [B, T, C] -> [B, H, T, D]
+        b, t, c = x.shape
+        return x.reshape(b, t, self.n_head, c // self.n_head).transpose(0, 2, 1, 3)
+
+    def execute(self, x, layer_past=None, bias_mask=None, head_mask=None, want_probs=False):
+        n = self.n_embd
+        qkv = self.c_attn(x)  # [B, T, 3C]
+        q, k, v = (self._split(qkv[:, :, i * n:(i + 1) * n]) for i in range(3))
+        if layer_past is not None:
+            k = jt.concat([layer_past[0], k], dim=2)
+            v = jt.concat([layer_past[1], v], dim=2)
+        present = (k, v)
+        w = jt.matmul(q, k.transpose(0, 1, 3, 2)) / math.sqrt(v.shape[-1])  # [B, H, Tq, Tk]
+        keep, add = bias_mask
+        w = w * keep + add  # the reference's w*b - 1e10*(1-b)
+        probs = nn.softmax(w, dim=-1)
+        probs = _dropout(self, probs, self.attn_pdrop)
+        if head_mask is not None:
+            probs = probs * head_mask.reshape(1, -1, 1, 1)
+        a = jt.matmul(probs, v)  # [B, H, Tq, D]
+        b, h, t, d = a.shape
+        a = a.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+        a = _dropout(self, self.c_proj(a), self.resid_pdrop)
+        return a, present, (probs if want_probs else None)
+
+
+class MLP(AdapterModule):
+    def __init__(self, cfg: GPT2Config):
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, fan_in_fan_out=True)
+        self.c_proj = _mlp_c_proj(cfg)
+        self.resid_pdrop = cfg.resid_pdrop
+
+    def execute(self, x):
+        return _dropout(self, self.c_proj(gelu(self.c_fc(x))), self.resid_pdrop)
+
+
+class Block(AdapterModule):
+    def __init__(self, cfg: GPT2Config):
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def execute(self, x, layer_past=None, bias_mask=None, head_mask=None, ffn_mask=None, want_probs=False):
+        a, present, probs = self.attn(self.ln_1(x), layer_past, bias_mask, head_mask, want_probs)
+        x = x + a
+        m = self.mlp(self.ln_2(x))
+        if ffn_mask is not None:
+            m = m * ffn_mask
+        return x + m, present, probs
+
+
+class Embedding(jt.Module):
+    def __init__(self, num: int, dim: int, std: float):
+        self.weight = jt.array(np.random.normal(0, std, (num, dim)).astype("float32"))
+
+    def execute(self, ids):
+        return self.weight[ids]
+
+
+class GPT2Model(AdapterModule):
+    def __init__(self, cfg: GPT2Config):
+        self.config = cfg
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd, cfg.initializer_range)
+        self.wpe = Embedding(cfg.n_positions, cfg.n_embd, cfg.initializer_range)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
+
+    def execute(self, input_ids, past=None, position_ids=None, attention_mask=None,
+                head_mask=None, ffn_mask=None, output_attentions=False):
+        """input_ids [B, T] -> hidden [B, T, C], presents, attentions.
+
+        Args:
+            past: per layer ``(k, v)``, each ``[B, H, T_past, D]`` (from a previous call).
+            position_ids: [B, T]; default ``T_past .. T_past+T-1``.
+            attention_mask: [B, T_past+T], 1 for real tokens, 0 for padding keys.
+            head_mask: [n_layer, n_head] multipliers on attention probabilities.
+            ffn_mask: [n_layer] multipliers on each feed-forward block's output.
+        """
+        b, t = input_ids.shape
+        t_past = 0 if past is None else past[0][0].shape[2]
+        if position_ids is None:
+            position_ids = jt.arange(t_past, t_past + t).int32().reshape(1, t).broadcast((b, t))
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        x = _dropout(self, x, self.config.embd_pdrop)
+        bias_mask = _causal_mask(t, t_past, attention_mask)
+        presents, attentions = [], []
+        for i, block in enumerate(self.h):
+            x, present, probs = block(
+                x, None if past is None else past[i], bias_mask,
+                None if head_mask is None else head_mask[i],
+                None if ffn_mask is None else ffn_mask[i],
+                output_attentions)
+            presents.append(present)
+            if output_attentions:
+                attentions.append(probs)
+        return self.ln_f(x), presents, attentions
+
+
+def _causal_mask(t: int, t_past: int, attention_mask=None):
+    """(keep, add) so that ``w*keep + add`` equals the reference's ``w*b - 1e10*(1-b)``."""
+    total = t_past + t
+    keep = np.tril(np.ones((total, total), dtype="float32"))[t_past:total, :total]  # [T, T_total]
+    keep = jt.array(keep).reshape(1, 1, t, total)
+    if attention_mask is not None:
+        keep = keep * attention_mask.float32().reshape(attention_mask.shape[0], 1, 1, total)
+    return keep, (keep - 1.0) * 1e10
+
+
+class GPT2LMModel(AdapterModule):
+    """GPT-2 with an LM head tied to the token embedding.
+
+    Args:
+        config: a ``GPT2Config`` (see ``GPT2Config.from_card``).
+    """
+
+    def __init__(self, config: GPT2Config):
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self._init_weights()
+        self._init_frozen_base()
+
+    def _init_weights(self):
+        """The reference's init: projection weights N(0, 0.02), biases 0 (adapters keep theirs)."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (Linear, MergedLinear, IA3Linear)):
+                m.weight.update(jt.array(np.random.normal(0, std, m.weight.shape).astype("float32")))
+                if m.bias is not None:
+                    m.bias.update(jt.zeros(m.bias.shape, dtype="float32"))
+
+    def _init_frozen_base(self):
+        """Adapters present: the base is frozen and only adapters train (as loralib users expect)."""
+        if self.config.adapter != "none":
+            from .adapters import mark_only_adapter_as_trainable
+            mark_only_adapter_as_trainable(self)
+
+    @classmethod
+    def from_pretrained(cls, path, config: Optional[GPT2Config] = None, strict: bool = True, **overrides):
+        """Load GPT-2 weights: HF ``pytorch_model.bin``, ``model.safetensors``, a HF directory
+        (config.json + weights) or a microsoft/LoRA checkpoint. ``overrides`` set adapter
+        fields of the config (e.g. ``adapter="ia3"``). Torch is not needed."""
+        from .checkpoint import load_gpt2_checkpoint
+        return load_gpt2_checkpoint(cls, path, config=config, strict=strict, **overrides)
+
+    def logits(self, hidden):
+        return nn.matmul_transpose(hidden, self.transformer.wte.weight)
+
+    def execute(self, input_ids, lm_labels=None, lm_mask=None, past=None, label_smooth=0.0,
+                position_ids=None, attention_mask=None, head_mask=None, ffn_mask=None,
+                output_attentions=False):
+        """Reference-compatible call.
+
+        Returns ``(logits [B,T,V], presents)``; with ``lm_labels`` ``(logits, loss)``; with
+        ``output_attentions`` a third item, the per-layer attention probabilities.
+        """
+        hidden, presents, attentions = self.transformer(
+            input_ids, past=past, position_ids=position_ids, attention_mask=attention_mask,
+            head_mask=head_mask, ffn_mask=ffn_mask, output_attentions=output_attentions)
+        logits = self.logits(hidden)
+        second = presents if lm_labels is None else lm_loss(logits, lm_labels, lm_mask, label_smooth)
+        return (logits, second, attentions) if output_attentions else (logits, second)
+
+
+def lm_loss(logits, labels, mask=None, label_smooth: float = 0.0):
+    """The reference's masked token loss with label smoothing, averaged over masked tokens.
+
+    Per token: ``(1-ε)·nll + ε·mean_v(-log p_v)``; then ``sum(loss·mask) / (sum(mask) + 1e-4)``.
+    """
+    lse = jt.nn.logsumexp(logits, dim=-1)  # [B, T]
+    picked = jt.gather(logits, -1, labels.int32().unsqueeze(-1)).squeeze(-1)
+    nll = lse - picked
+    if label_smooth > 0.0001:
+        smooth = lse - logits.mean(-1)
+        loss = (1.0 - label_smooth) * nll + label_smooth * smooth
+    else:
+        loss = nll
+    if mask is None:
+        mask = jt.ones(loss.shape, dtype=loss.dtype)
+    mask = mask.float32()
+    return (loss * mask).sum() / (mask.sum() + 0.0001)
