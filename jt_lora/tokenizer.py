@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -111,11 +113,34 @@ class GPT2Tokenizer:
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: Iterable[str], num_threads: int = 8, allow_special: bool = False) -> List[List[int]]:
-        """Encode many texts on tiktoken's thread pool (same ids as :meth:`encode`, in order)."""
+        """Encode many texts; same ids as :meth:`encode`, in order.
+
+        Each distinct text is encoded once (E2E repeats every MR for each of its ~8 references), and
+        large batches are split into one contiguous chunk per thread: tiktoken releases the GIL while
+        encoding, and a chunk per thread avoids the per-text task overhead of
+        ``tiktoken.Encoding.encode_batch``, which was 3x slower than a plain loop in our measurements.
+        """
         texts = list(texts)
-        if allow_special:
-            return self.encoding.encode_batch(texts, num_threads=num_threads, allowed_special="all")
-        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        unique = list(dict.fromkeys(texts))
+        encode = functools.partial(self.encode, allow_special=allow_special)
+        n_threads = max(1, min(num_threads, os.cpu_count() or 1, len(unique) // 1000))
+        if n_threads == 1:
+            ids = [encode(t) for t in unique]
+        else:
+            size = -(-len(unique) // n_threads)
+            chunks = [unique[i : i + size] for i in range(0, len(unique), size)]
+            with ThreadPoolExecutor(n_threads) as pool:
+                ids = [x for part in pool.map(lambda chunk: [encode(t) for t in chunk], chunks) for x in part]
+        if len(unique) == len(texts):
+            return ids
+        by_text, first, out = dict(zip(unique, ids)), {}, []
+        for i, t in enumerate(texts):
+            if t in first:  # a repeat gets a copy, so mutating one result never changes another
+                out.append(list(out[first[t]]))
+            else:
+                first[t] = i
+                out.append(by_text[t])
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; invalid UTF-8 from a partial character becomes U+FFFD (as in GPT-2)."""
