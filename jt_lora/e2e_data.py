@@ -152,7 +152,7 @@ def read_txt(path, *, skip_bad_lines: bool = False, limit: Optional[int] = None)
     """
     path = Path(path)
     bad, examples, n_lines = _BadLines(path, skip_bad_lines), [], 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n_lines, line in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break

@@ -168,8 +168,10 @@ def load_tokenizer(vocab_dir: Optional[str] = None) -> GPT2Tokenizer:
     Raises:
         FileNotFoundError: the directory or one of its two files is missing.
     """
-    path = find_asset("gpt2-vocab", explicit=vocab_dir)
-    for name in ("encoder.json", "vocab.bpe"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found (a GPT-2 vocab directory needs encoder.json and vocab.bpe)")
+    explicit = None if vocab_dir is None else Path(vocab_dir) / "encoder.json"
+    # Look up the file, not the folder: an empty gpt2-vocab/ left by a failed download must not
+    # hide a complete copy further down the search order.
+    path = find_asset("gpt2-vocab/encoder.json", explicit=explicit).parent
+    if not (path / "vocab.bpe").is_file():
+        raise FileNotFoundError(f"{path / 'vocab.bpe'} not found (a GPT-2 vocab directory needs encoder.json and vocab.bpe)")
     return _load_cached(str(path))

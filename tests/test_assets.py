@@ -1,4 +1,8 @@
-"""Asset lookup order: explicit path > $JT_LORA_DATA > project data/ > ../shared/data."""
+"""Asset lookup order (explicit path > $JT_LORA_DATA > project data/ > ../shared/data) and the download scripts."""
+
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +71,63 @@ def test_missing_asset_lists_every_place(roots, monkeypatch):
 
 def test_env_var_unset_is_not_searched(roots):
     assert [label for label, _ in assets.data_roots()] == ["project data/", "../shared/data"]
+
+
+# --------------------------------------------------------------------------- download scripts
+# Run with a fake `curl` first on PATH, so these tests never touch the network.
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_CURL = """#!/usr/bin/env bash
+echo "$@" >> "$FAKE_LOG"
+while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out="$2"; shift; done
+[ "$FAKE_MODE" = offline ] && { echo "curl: (6) Could not resolve host" >&2; exit 6; }
+echo fake > "$out"
+"""
+
+
+def _run_script(tmp_path, script, *args, mode="offline", **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "curl").write_text(FAKE_CURL)
+    (bin_dir / "curl").chmod(0o755)
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
+                "FAKE_MODE": mode, **env}
+    return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          env=full_env, timeout=60)
+
+
+def test_download_data_offline_fails_clearly_and_leaves_nothing(tmp_path):
+    data = tmp_path / "data"
+    run = _run_script(tmp_path, "download_data.sh", DATA_DIR=str(data))
+    assert run.returncode == 1
+    assert "could not download https://" in run.stderr and "No network?" in run.stderr
+    assert len((tmp_path / "log").read_text().splitlines()) == 1  # stops at the first failure
+    assert not data.exists() or not any(data.rglob("*"))  # no partial file, no empty folder
+
+
+def test_download_data_skips_present_files(tmp_path):
+    data = tmp_path / "data"
+    _put(data, "boolq/train.jsonl")
+    run = _run_script(tmp_path, "download_data.sh", "boolq", mode="online", DATA_DIR=str(data))
+    assert run.returncode == 0, run.stderr
+    assert "present: " in run.stdout and (data / "boolq" / "dev.jsonl").read_text() == "fake\n"
+    assert (tmp_path / "log").read_text().count("storage.googleapis.com/boolq/dev.jsonl") == 1
+    assert (data / "boolq" / "train.jsonl").read_text() == "x"  # untouched
+    assert not list(data.rglob("*.tmp"))
+
+
+def test_download_data_rejects_wrong_vocab_hash(tmp_path):
+    data = tmp_path / "data"
+    run = _run_script(tmp_path, "download_data.sh", "vocab", mode="online", DATA_DIR=str(data))
+    assert run.returncode == 1 and "SHA-256" in run.stderr
+    assert not (data / "gpt2-vocab" / "encoder.json").exists()
+
+
+def test_download_checkpoints(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run = _run_script(tmp_path, "download_checkpoints.sh", "medium", mode="online", CKPT_DIR=str(ckpt))
+    assert run.returncode == 0, run.stderr
+    assert (ckpt / "gpt2-medium-pytorch_model.bin").exists()
+    assert "huggingface.co/openai-community/gpt2-medium/resolve/main/pytorch_model.bin" in (tmp_path / "log").read_text()
+    run = _run_script(tmp_path, "download_checkpoints.sh", "small", CKPT_DIR=str(tmp_path / "other"))
+    assert run.returncode == 1 and "No network?" in run.stderr and not (tmp_path / "other").exists()
