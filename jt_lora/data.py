@@ -35,9 +35,9 @@ Pair = Tuple[Sequence[int], Sequence[int]]
 
 
 def _ids(value, path, line: int, key: str, vocab_size: Optional[int]) -> np.ndarray:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    ids = np.asarray(value) if isinstance(value, list) else None
+    if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
         raise ValueError(f"{path}:{line}: {key!r} must be a list of integer token ids, got {str(value)[:60]}")
-    ids = np.asarray(value, dtype=np.int64)
     if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
         raise ValueError(f"{path}:{line}: {key!r} has token ids outside [0, {vocab_size}): {ids.min()}..{ids.max()}")
     return ids.astype(np.int32)

@@ -175,3 +175,10 @@ def test_inconsistent_vocab_is_rejected(tmp_path):
     (tmp_path / "vocab.bpe").write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(ValueError, match=r"vocab.bpe:2: merge"):
         load_tokenizer(str(tmp_path))
+
+
+def test_empty_vocab_folder_does_not_hide_a_complete_copy(tmp_path, monkeypatch):
+    # A failed download can leave an empty gpt2-vocab/ in a higher-precedence data root.
+    (tmp_path / "gpt2-vocab").mkdir()
+    monkeypatch.setenv(assets.ENV_VAR, str(tmp_path))
+    assert load_tokenizer().vocab_dir == VOCAB
