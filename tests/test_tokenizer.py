@@ -109,7 +109,7 @@ def _e2e_lines():
     out = []
     for line in lines:
         mr, _, text = line.strip().partition("||")
-        out += [mr, " " + text, line]
+        out += [mr, " " + text]
     return out
 
 
