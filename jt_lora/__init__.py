@@ -1,12 +1,31 @@
-"""jt_lora: parameter-efficient fine-tuning of GPT-2 in Jittor (LoRA, InA, (IA)³)."""
-from . import backend  # noqa: F401  (configures Jittor before anything imports it)
-from .adapters import (adapter_state_dict, count_parameters, mark_only_adapter_as_trainable,
-                       trainable_parameters)
-from .ia3 import IA3Linear
-from .lora import Embedding, InhibitionGate, Linear, MergedLinear
-from .model import MODEL_CARDS, GPT2Config, GPT2LMModel
+"""jt_lora: parameter-efficient fine-tuning of GPT-2 in Jittor (LoRA, InA, (IA)³).
+
+Names are imported lazily, so tools that need no Jittor (tokenizer, data preparation, decoding,
+metrics) start without paying Jittor's import; the first model-related name configures Jittor
+through ``jt_lora.backend``.
+"""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["GPT2Config", "GPT2LMModel", "MODEL_CARDS", "Linear", "Embedding", "MergedLinear",
-           "InhibitionGate", "IA3Linear", "mark_only_adapter_as_trainable", "adapter_state_dict",
-           "trainable_parameters", "count_parameters"]
+
+_EXPORTS = {
+    "GPT2Config": "model", "GPT2LMModel": "model", "MODEL_CARDS": "model",
+    "Linear": "lora", "Embedding": "lora", "MergedLinear": "lora", "InhibitionGate": "lora",
+    "IA3Linear": "ia3",
+    "mark_only_adapter_as_trainable": "adapters", "adapter_state_dict": "adapters",
+    "trainable_parameters": "adapters", "count_parameters": "adapters",
+    "save_adapter": "saving", "load_adapter": "saving",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jt_lora' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

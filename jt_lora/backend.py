@@ -12,6 +12,8 @@ Environment:
 """
 import ctypes
 import os
+import signal
+import warnings
 
 __all__ = ["jt", "nn", "cuda_device_count", "use_cuda", "onednn_available", "device_name"]
 
@@ -53,6 +55,14 @@ _CUDA = _configure_environment()
 
 import jittor as jt  # noqa: E402  (must follow the environment set-up above)
 from jittor import nn  # noqa: E402
+
+# Jittor's SIGCHLD handler ends this process whenever any child dies of a signal (meant for its
+# compile workers); a library that runs subprocesses (tests, METEOR's Java) must not die with them.
+if hasattr(signal, "SIGCHLD"):
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+# Jittor enables flush-to-zero; numpy then warns that float64's smallest subnormal is zero.
+warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
 
 if _CUDA and jt.has_cuda:
     jt.flags.use_cuda = 1

@@ -276,6 +276,11 @@ class GPT2LMModel(AdapterModule):
         from .checkpoint import load_gpt2_checkpoint
         return load_gpt2_checkpoint(cls, path, config=config, strict=strict, **overrides)
 
+    def save_pretrained(self, out_dir):
+        """Base weights as a HF GPT-2 directory (config.json + model.safetensors)."""
+        from .saving import save_pretrained
+        save_pretrained(self, out_dir)
+
     def logits(self, hidden):
         return nn.matmul_transpose(hidden, self.transformer.wte.weight)
 
@@ -295,19 +300,19 @@ class GPT2LMModel(AdapterModule):
         return (logits, second, attentions) if output_attentions else (logits, second)
 
 
-def lm_loss(logits, labels, mask=None, label_smooth: float = 0.0):
-    """The reference's masked token loss with label smoothing, averaged over masked tokens.
-
-    Per token: ``(1-ε)·nll + ε·mean_v(-log p_v)``; then ``sum(loss·mask) / (sum(mask) + 1e-4)``.
-    """
+def token_losses(logits, labels, label_smooth: float = 0.0):
+    """Per-token loss [B, T] as the reference: ``(1-ε)·nll + ε·mean_v(-log p_v)``."""
     lse = jt.nn.logsumexp(logits, dim=-1)  # [B, T]
     picked = jt.gather(logits, -1, labels.int32().unsqueeze(-1)).squeeze(-1)
     nll = lse - picked
     if label_smooth > 0.0001:
-        smooth = lse - logits.mean(-1)
-        loss = (1.0 - label_smooth) * nll + label_smooth * smooth
-    else:
-        loss = nll
+        return (1.0 - label_smooth) * nll + label_smooth * (lse - logits.mean(-1))
+    return nll
+
+
+def lm_loss(logits, labels, mask=None, label_smooth: float = 0.0):
+    """The reference's masked token loss: ``sum(loss·mask) / (sum(mask) + 1e-4)``."""
+    loss = token_losses(logits, labels, label_smooth)
     if mask is None:
         mask = jt.ones(loss.shape, dtype=loss.dtype)
     mask = mask.float32()
