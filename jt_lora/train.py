@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seq_len", type=int, default=512)
     a("--lr", type=float, default=2e-4)
     a("--weight_decay", type=float, default=0.01)
-    a("--correct_bias", action="store_true", help="Adam bias correction (the paper's recipe sets it)")
+    a("--correct_bias", action=argparse.BooleanOptionalAction, default=False,
+      help="Adam bias correction (the paper's recipe sets it)")
     a("--adam_epislon", "--adam_epsilon", dest="adam_epsilon", type=float, default=1e-6)
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.98)
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--wandb", action="store_true", help="log to Weights & Biases (offline mode without WANDB_API_KEY)")
     a("--wandb_project", default="jt_lora")
     a("--no_plot", action="store_true", help="skip the loss-curve PNG")
+    a("--dry_run", action="store_true", help="print the resolved settings as JSON and exit")
     a("--stop_after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop like a kill after N steps
     return p
 
@@ -394,6 +396,9 @@ class Trainer:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.dry_run:
+        print(json.dumps({"args": vars(args), "model_config": _model_config(args).to_dict()}, default=str))
+        return 0
     try:
         trainer = Trainer(args)
         trainer.run()

@@ -203,3 +203,20 @@ def test_two_mpi_processes_equal_one_process_with_the_same_global_batch(data, ba
     a, b = _adapter(tmp_path / "one" / "adapter"), _adapter(tmp_path / "two" / "adapter")
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5)
+
+
+def test_finetune_sh_defaults_are_the_paper_recipe_and_overridable():
+    proc = _run(["bash", "finetune.sh", "--dry_run"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = json.loads(proc.stdout.strip().splitlines()[-1])["args"]
+    expected = dict(lr=2e-4, weight_decay=0.01, correct_bias=True, adam_beta1=0.9, adam_beta2=0.999,
+                    scheduler="linear", warmup_step=500, max_epoch=5, train_batch_size=8, label_smooth=0.1,
+                    lora_dim=4, lora_alpha=32, lora_dropout=0.1, random_seed=110, model_card="gpt2.md",
+                    seq_len=512, adapter="lora", clip=0.0, grad_acc=1)
+    assert {k: args[k] for k in expected} == expected
+    assert args["init_checkpoint"].endswith("pretrained_checkpoints/gpt2-medium-pytorch_model.bin")
+    proc = _run(["bash", "finetune.sh", "--dry_run", "--adapter", "ina", "--lora_inhibition", "0.1",
+                 "--no-correct_bias", "--lr", "1e-3"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["args"]["adapter"], out["args"]["correct_bias"], out["args"]["lr"]) == ("ina", False, 1e-3)
+    assert out["model_config"]["lora_inhibition"] == 0.1
