@@ -124,6 +124,41 @@ def _allreduce_sum(x: float) -> float:
     return float(jt.array(np.array([x], dtype=np.float64)).mpi_all_reduce("add").item())
 
 
+def masked_loss_sum(model, batch, label_smooth: float = 0.0):
+    """Sum of the masked per-token loss of a batch, with the LM head run only where the mask is set.
+
+    The LM head (``n_embd x 50257``) and the softmax over the vocabulary are the costliest part of a
+    step on short E2E examples; positions without loss (context, padding) skip them entirely.
+    """
+    ids, mask = batch["input"], batch["mask"]
+    b, t = ids.shape
+    hidden, _, _ = model.transformer(jt.array(ids))
+    flat_mask = mask.reshape(-1)
+    where = np.nonzero(flat_mask)[0].astype("int32")
+    h = hidden.reshape(b * t, hidden.shape[-1])[jt.array(where)]  # [N, C]
+    logits = model.logits(h)  # [N, V]
+    targets = jt.array(batch["target"].reshape(-1)[where])
+    per_token = token_losses(logits, targets, label_smooth)
+    return (per_token * jt.array(flat_mask[where])).sum()
+
+
+def loss_and_grads(model, batch, params, label_smooth: float = 0.0, grad_scale: float = 1.0,
+                   world: int = 1, global_count=None):
+    """The reference's loss ``sum(loss·mask)/(sum(mask)+1e-4)`` of one micro-batch and its gradients.
+
+    Under data parallelism each process passes the mask count of the *global* batch and the world
+    size: then the mean over processes of the returned loss (and gradients) is exactly the
+    single-process value for the global batch.
+    """
+    if global_count is None:
+        global_count = float(batch["mask"].sum())
+    if batch["input"].shape[0] == 0 or not batch["mask"].any():  # an empty shard, or nothing to learn
+        return jt.zeros((1,)), [jt.zeros(p.shape) for p in params]
+    loss = masked_loss_sum(model, batch, label_smooth) * (world / (global_count + 0.0001))
+    grads = jt.grad(loss * grad_scale, params)
+    return loss, grads
+
+
 class Trainer:
     """The training loop; one instance per process."""
 
@@ -164,22 +199,10 @@ class Trainer:
 
     # -- one micro-batch ------------------------------------------------------------------
     def _loss_and_grads(self, batch):
-        mask_np = batch["mask"]
-        local_count = float(mask_np.sum())
-        global_count = _allreduce_sum(local_count)
-        params = [p for _, p in self.named_trainable]
-        if batch["input"].shape[0] == 0:  # this rank's share of a small last batch is empty
-            loss = jt.zeros((1,))
-            grads = [jt.zeros(p.shape) for p in params]
-            if jt.in_mpi:
-                return loss.mpi_all_reduce("mean"), [g.mpi_all_reduce("mean") for g in grads]
-            return loss, grads
-        logits, _ = self.model(jt.array(batch["input"]))
-        per_token = token_losses(logits, jt.array(batch["target"]), self.args.label_smooth)
-        local_sum = (per_token * jt.array(mask_np)).sum()
-        # sum over ranks of (local_sum / global_count) is the single-process loss of the global batch
-        loss = local_sum * (self.world / (global_count + 0.0001))
-        grads = jt.grad(loss / self.args.grad_acc, params)
+        global_count = _allreduce_sum(float(batch["mask"].sum()))
+        loss, grads = loss_and_grads(self.model, batch, [p for _, p in self.named_trainable],
+                                     label_smooth=self.args.label_smooth, grad_scale=1.0 / self.args.grad_acc,
+                                     world=self.world, global_count=global_count)
         if jt.in_mpi:
             loss = loss.mpi_all_reduce("mean")
             grads = [g.mpi_all_reduce("mean") for g in grads]
@@ -213,12 +236,10 @@ class Trainer:
         self.valid_loader.set_epoch(0)
         for batch in self.valid_loader:
             count = _allreduce_sum(float(batch["mask"].sum()))
-            if batch["input"].shape[0] == 0:
+            if batch["input"].shape[0] == 0 or not batch["mask"].any():
                 local = 0.0
             else:
-                logits, _ = self.model(jt.array(batch["input"]))
-                per_token = token_losses(logits, jt.array(batch["target"]), self.args.label_smooth)
-                local = float((per_token * jt.array(batch["mask"])).sum().item())
+                local = float(masked_loss_sum(self.model, batch, self.args.label_smooth).item())
             losses.append(_allreduce_sum(local) / (count + 0.0001))
         self.model.train()
         return float(np.mean(losses))
