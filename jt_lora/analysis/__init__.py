@@ -1,0 +1,36 @@
+"""Interpretability tools for jt_lora models: ``python -m jt_lora.analysis SUBCOMMAND``.
+
+* ``attention``: attention probabilities averaged over heads and examples (padding excluded), per
+  layer and per model, as ``.npy`` and heatmaps, plus a layer x model grid (the InA comparison of
+  base / LoRA / InA models at several inhibition levels).
+* ``head-importance``: Michel et al. (2019) head importance, the accumulated ``|dL/d head_mask|``,
+  normalised per layer; and the loss change when each layer's feed-forward block is knocked out.
+* ``induction``: prefix-matching and copying scores per head on random token sequences (Olsson et
+  al. 2022, as measured by Bansal et al. 2023 at 66B scale).
+
+Head and FFN masks are inputs of ``GPT2LMModel`` itself, so every score comes from the model's own
+forward pass. Names are imported lazily: ``import jt_lora.analysis`` does not load Jittor.
+"""
+import importlib
+
+_EXPORTS = {
+    "ModelSpec": "models", "load_model": "models", "example_batches": "models",
+    "AttentionMaps": "attention", "attention_maps": "attention",
+    "head_importance": "importance", "ffn_knockout": "importance", "dataset_loss": "importance",
+    "random_token_sequences": "induction", "prefix_matching_targets": "induction",
+    "prefix_matching_scores": "induction", "copying_scores": "induction", "head_outputs": "induction",
+    "induction_scores": "induction",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jt_lora.analysis' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

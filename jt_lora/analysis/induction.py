@@ -1,0 +1,180 @@
+"""Induction-head scores: prefix matching and copying, per head, on random token sequences.
+
+Olsson et al. (2022) characterise an induction head by two behaviours on a repeated sequence
+``... A B ... A``: at the second ``A`` it attends to ``B``, the token after the previous occurrence
+(*prefix matching*), and its output raises the logit of the token it attends to (*copying*).
+Bansal et al. (2023, OPT-66B) turned both into scores per head; we follow their set-up:
+
+* Sequences: ``segment_len`` distinct random tokens (drawn without replacement from a pool that
+  leaves out the ``exclude_ratio`` lowest and highest ids; GPT-2 ids are ordered roughly by BPE
+  merge rank, so these are the most and least frequent tokens), after an optional BOS token.
+* Prefix matching: the segment repeated ``repeats`` times; for every position whose token occurred
+  before, the attention mass on the positions right after its earlier occurrences; averaged over
+  those positions (0 = never, 1 = all attention there).
+* Copying: one sequence of ``copy_len`` distinct random tokens (not repeated). At each position
+  ``j >= 1`` the head's own output (its attention-weighted values through its rows of ``c_proj``) is
+  read through the unembedding; over the tokens in context (positions ``0..j``) the softmax
+  probabilities are centred on their mean, negative values set to zero, and the score is the share
+  of the most-attended token. 1 = the head raises exactly what it attends to.
+
+  Difference from Bansal et al.'s script: it reads the unembedding of the value at position ``j``
+  (the current token) rather than the head's attention-weighted output; we score what the head
+  actually writes. Like them we skip the final LayerNorm (a direct logit attribution). The softmax
+  normaliser cancels in the ratio, so only the in-context logits are computed, never the full
+  vocabulary.
+"""
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+from ..backend import jt
+
+__all__ = ["token_pool", "random_token_sequences", "repeat_sequences", "prefix_matching_targets",
+           "head_outputs", "prefix_matching_scores", "copying_scores", "induction_scores"]
+
+
+def token_pool(vocab_size: int, exclude_ratio: float = 0.04, bos_id: Optional[int] = None) -> np.ndarray:
+    """Token ids to draw from: ``[k, vocab_size - k)`` with ``k = int(exclude_ratio * vocab_size)``,
+    without ``bos_id``."""
+    if not 0.0 <= exclude_ratio < 0.5:
+        raise ValueError(f"exclude_ratio must be in [0, 0.5), got {exclude_ratio}")
+    k = int(exclude_ratio * vocab_size)
+    pool = np.arange(k, vocab_size - k)
+    return pool[pool != bos_id] if bos_id is not None else pool
+
+
+def random_token_sequences(num: int, length: int, pool: np.ndarray, seed: int = 0) -> np.ndarray:
+    """[num, length] int64, each row ``length`` distinct tokens of ``pool``."""
+    if length > len(pool):
+        raise ValueError(f"cannot draw {length} distinct tokens from a pool of {len(pool)} ids; "
+                         "use shorter sequences or a smaller --exclude_ratio")
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.choice(pool, size=length, replace=False) for _ in range(num)]).astype(np.int64)
+
+
+def repeat_sequences(segments: np.ndarray, repeats: int, bos_id: Optional[int] = None) -> np.ndarray:
+    """[N, S] -> [N, (1 +) S * repeats]: each row repeated, after ``bos_id`` if given."""
+    out = np.tile(segments, (1, repeats))
+    if bos_id is not None:
+        out = np.concatenate([np.full((len(out), 1), bos_id, dtype=out.dtype), out], axis=1)
+    return out
+
+
+def prefix_matching_targets(tokens: np.ndarray) -> np.ndarray:
+    """[N, T] -> bool [N, T, T]: ``[n, j, k]`` is True when ``k <= j`` and the token before ``k``
+    equals the token at ``j`` (``k`` follows an earlier occurrence of ``j``'s token)."""
+    n, t = tokens.shape
+    same = tokens[:, :, None] == tokens[:, None, :]          # [N, j, k-1]: tokens[j] == tokens[k-1]
+    targets = np.zeros((n, t, t), dtype=bool)
+    targets[:, :, 1:] = same[:, :, :-1]
+    return targets & np.tril(np.ones((t, t), dtype=bool))[None]
+
+
+def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Per layer: attention probabilities [B, H, T, T] and each head's write to the residual
+    stream [B, H, T, C] (its attention-weighted values through its rows of ``c_proj``, without the
+    bias). The residual stream itself comes from the model's own blocks, unmasked."""
+    from ..model import _causal_mask
+
+    tr = model.transformer
+    b, t = input_ids.shape
+    n_head, width = model.config.n_head, model.config.n_embd
+    d = width // n_head
+    ids = jt.array(input_ids.astype(np.int32))
+    with jt.no_grad():
+        x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
+        bias_mask = _causal_mask(t, 0)
+        # one_hot[h] keeps head h's D features of the concatenated [H*D] attention output
+        one_hot = np.zeros((n_head, 1, 1, width), dtype=np.float32)
+        for h in range(n_head):
+            one_hot[h, ..., h * d:(h + 1) * d] = 1.0
+        one_hot = jt.array(one_hot)
+        for block in tr.h:
+            attn = block.attn
+            v = attn._split(attn.c_attn(block.ln_1(x))[:, :, 2 * width:3 * width])   # [B, H, T, D]
+            x_next, _, probs = block(x, None, bias_mask, None, None, True)
+            mixed = jt.matmul(probs, v).transpose(0, 2, 1, 3).reshape(1, b, t, width)  # [1, B, T, C]
+            per_head = attn.c_proj((mixed * one_hot).reshape(n_head * b, t, width))
+            per_head = per_head - attn.c_proj(jt.zeros((1, 1, width), dtype="float32"))
+            yield probs.numpy(), per_head.reshape(n_head, b, t, width).transpose(1, 0, 2, 3).numpy()
+            x = x_next
+
+
+def prefix_matching_scores(model, tokens: np.ndarray) -> np.ndarray:
+    """[N, T] repeated sequences -> [N, L, H]: per sequence, the mean over positions with an
+    earlier occurrence of their token of the attention on the positions following it."""
+    from .attention import batch_attention
+
+    targets = prefix_matching_targets(tokens)                 # [N, T, T]
+    scored = targets.any(-1)                                  # [N, T] rows with a target
+    if not scored.any(1).all():
+        raise ValueError("a sequence without repeated tokens has no prefix-matching positions")
+    lengths = np.full(len(tokens), tokens.shape[1])
+    scores = []
+    for probs in batch_attention(model, tokens, lengths):       # [N, H, T, T]
+        mass = (probs * targets[:, None]).sum(-1)              # [N, H, T]
+        scores.append((mass * scored[:, None]).sum(-1) / scored.sum(-1)[:, None])
+    return np.stack(scores, axis=1)
+
+
+def copying_scores(model, tokens: np.ndarray) -> np.ndarray:
+    """[N, T] sequences -> [N, L, H]: per sequence, the mean over positions ``j >= 1`` of the
+    most-attended token's share of the raised in-context probabilities (see the module doc)."""
+    n, t = tokens.shape
+    if t < 2:
+        raise ValueError("copying needs sequences of at least 2 tokens")
+    wte = model.transformer.wte.weight.numpy()
+    embed = wte[tokens]                                       # [N, T(k), C]
+    allowed = np.tril(np.ones((t, t), dtype=bool))[None, None]  # [1, 1, j, k]: k attendable from j
+    scores = []
+    for probs, outs in head_outputs(model, tokens):           # [N, H, T, T], [N, H, T, C]
+        logits = np.einsum("nhjc,nkc->nhjk", outs, embed)      # in-context logits at each position
+        logits = np.where(allowed, logits, -np.inf)
+        e = np.exp(logits - logits.max(-1, keepdims=True))    # softmax up to a per-row factor
+        mean = e.sum(-1, keepdims=True) / np.arange(1, t + 1)[None, None, :, None]
+        raised = np.where(allowed, np.maximum(e - mean, 0.0), 0.0)
+        top = np.take_along_axis(raised, probs.argmax(-1)[..., None], -1)[..., 0]   # [N, H, T]
+        total = raised.sum(-1)
+        ratio = np.where(total > 0, top / np.where(total > 0, total, 1.0), 0.0)
+        scores.append(ratio[:, :, 1:].mean(-1))
+    return np.stack(scores, axis=1)
+
+
+def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repeats: int = 4,
+                     copy_len: Optional[int] = None, exclude_ratio: float = 0.04,
+                     bos_id: Optional[int] = None, seed: int = 0, batch_size: int = 4,
+                     progress=None) -> Dict[str, np.ndarray]:
+    """Prefix-matching and copying scores of every head of ``model``.
+
+    Args:
+        num_sequences: random sequences per score.
+        segment_len: distinct tokens per segment (prefix matching repeats it ``repeats`` times).
+        copy_len: length of the unrepeated copying sequences (default ``segment_len * repeats``).
+        exclude_ratio: share of the lowest and of the highest token ids left out of the pool.
+        bos_id: token put first in every sequence (GPT-2: 50256), or None.
+        progress: an optional tqdm bar advanced once per batch.
+
+    Returns:
+        ``prefix_matching`` and ``copying``: [N, L, H] per-sequence scores.
+    """
+    cfg = model.config
+    copy_len = segment_len * repeats if copy_len is None else copy_len
+    if repeats < 2:
+        raise ValueError(f"repeats must be >= 2 (prefix matching needs a repeat), got {repeats}")
+    extra = 0 if bos_id is None else 1
+    longest = extra + max(segment_len * repeats, copy_len)
+    if longest > cfg.n_positions:
+        raise ValueError(f"sequences of {longest} tokens exceed the model's n_positions={cfg.n_positions}")
+    if bos_id is not None and not 0 <= bos_id < cfg.vocab_size:
+        raise ValueError(f"bos_id {bos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    pool = token_pool(cfg.vocab_size, exclude_ratio, bos_id)
+    repeated = repeat_sequences(random_token_sequences(num_sequences, segment_len, pool, seed), repeats, bos_id)
+    plain = repeat_sequences(random_token_sequences(num_sequences, copy_len, pool, seed + 1), 1, bos_id)
+    prefix, copying = [], []
+    for start in range(0, num_sequences, batch_size):
+        prefix.append(prefix_matching_scores(model, repeated[start:start + batch_size]))
+        copying.append(copying_scores(model, plain[start:start + batch_size]))
+        if progress is not None:
+            progress.update(1)
+    return {"prefix_matching": np.concatenate(prefix), "copying": np.concatenate(copying),
+            "prefix_tokens": repeated, "copying_tokens": plain}

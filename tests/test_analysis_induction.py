@@ -1,0 +1,177 @@
+"""Induction scores on a GPT-2 whose weights are set by hand to contain an induction circuit.
+
+Residual stream (128 dims): one-hot token (25), one-hot *previous* token (25), one-hot position
+(32), and a balance dim that keeps every row's mean at zero, so LayerNorm only rescales.
+
+* layer 0, head 0: previous-token head. Query of position p matches the key of position p-1; its
+  value is the token, written into the previous-token slot.
+* layer 1, head 0: induction head. Query = current token, key = previous-token slot, value = the
+  token, written back into the token slot (so its output raises that token's logit). A query bias
+  makes it fall back to the BOS position when nothing matches, as real induction heads do.
+* layer 1, head 1: random weights. All other heads and both MLPs are zero.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from jt_lora.analysis import induction as ind
+from jt_lora.backend import jt
+from jt_lora.model import GPT2Config, GPT2LMModel
+
+V, P, C, H = 25, 32, 128, 4      # vocab (24 random tokens + BOS), positions, width, heads
+D = C // H
+BOS = 24
+TOK, PREV, POS, BAL = 0, V, 2 * V, 2 * V + P
+
+
+def _set(model, values):
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        p.update(jt.array(values.get(name, np.zeros(p.shape, dtype=np.float32)).astype(np.float32)))
+
+
+def hand_induction_model(seed=0):
+    cfg = GPT2Config(vocab_size=V, n_positions=P, n_embd=C, n_layer=2, n_head=H, adapter="none")
+    model = GPT2LMModel(cfg)
+    rng = np.random.default_rng(seed)
+    w = {}
+    wte = np.zeros((V, C))
+    wte[np.arange(V), TOK + np.arange(V)] = 1.0
+    wte[:, BAL] = -1.0
+    wpe = np.zeros((P, C))
+    wpe[np.arange(P), POS + np.arange(P)] = 1.0
+    wpe[:, BAL] = -1.0
+    w["transformer.wte.weight"], w["transformer.wpe.weight"] = wte, wpe
+    for i in range(2):
+        for ln in ("ln_1", "ln_2"):
+            w[f"transformer.h.{i}.{ln}.weight"] = np.ones(C)
+    w["transformer.ln_f.weight"] = np.ones(C)
+
+    # Layer 0, head 0: previous-token head (q/k over positions, v = token -> previous-token slot).
+    qkv, proj = np.zeros((C, 3 * C)), np.zeros((C, C))
+    for p in range(1, P):
+        qkv[POS + p, 0 + (p - 1)] = 5.0
+    for p in range(P):
+        qkv[POS + p, C + p] = 1.0
+    for t in range(V):
+        qkv[TOK + t, 2 * C + t] = 1.0
+    # LN maps the one-hot 1 to about 4.6: scale back to 1 in the previous-token slot, keep rows zero-mean
+    scale = 1.0 / 4.62
+    for t in range(V):
+        proj[t, PREV + t] = scale
+        proj[t, BAL] = -scale
+    w["transformer.h.0.attn.c_attn.weight"], w["transformer.h.0.attn.c_proj.weight"] = qkv, proj
+
+    # Layer 1, head 0: induction head; head 1: random.
+    qkv, proj, bias = np.zeros((C, 3 * C)), np.zeros((C, C)), np.zeros(3 * C)
+    for t in range(V):
+        qkv[TOK + t, t] = 10.0                  # query: current token
+        qkv[PREV + t, C + t] = 1.0              # key: token before the key position
+        qkv[TOK + t, 2 * C + t] = 1.0           # value: the key position's token
+        proj[t, TOK + t] = 3.0                  # written into the token slot: raises its logit
+    qkv[TOK + BOS, C + V] = 1.0                 # key at BOS ...
+    bias[V] = 17.0                              # ... always matched a little (fallback when no match)
+    head1 = slice(D, 2 * D)
+    for part in range(3):
+        qkv[:, part * C + D:part * C + 2 * D] = rng.normal(0, 0.3, (C, D))
+    proj[head1, :] = rng.normal(0, 0.3, (D, C))
+    w["transformer.h.1.attn.c_attn.weight"], w["transformer.h.1.attn.c_proj.weight"] = qkv, proj
+    w["transformer.h.1.attn.c_attn.bias"] = bias
+    _set(model, w)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def hand_model():
+    return hand_induction_model()
+
+
+def test_prefix_matching_targets_by_hand():
+    tokens = np.array([[9, 1, 2, 3, 1, 2, 3]])
+    t = ind.prefix_matching_targets(tokens)[0]
+    expected = np.zeros((7, 7), dtype=bool)
+    expected[4, 2] = True     # 2nd "1": the position after the 1st "1"
+    expected[5, 3] = True
+    expected[6, 4] = True     # 2nd "3": after the 1st "3" comes position 4
+    np.testing.assert_array_equal(t, expected)
+
+
+def test_random_sequences_are_distinct_tokens_from_the_pool():
+    pool = ind.token_pool(100, exclude_ratio=0.1, bos_id=50)
+    assert pool.min() == 10 and pool.max() == 89 and 50 not in pool and len(pool) == 79
+    seqs = ind.random_token_sequences(5, 30, pool, seed=3)
+    assert seqs.shape == (5, 30)
+    assert all(len(set(row)) == 30 for row in seqs.tolist())
+    assert np.isin(seqs, pool).all()
+    rep = ind.repeat_sequences(seqs, 3, bos_id=50)
+    assert rep.shape == (5, 91) and (rep[:, 0] == 50).all()
+    np.testing.assert_array_equal(rep[:, 1:31], rep[:, 61:91])
+    with pytest.raises(ValueError, match="distinct tokens"):
+        ind.random_token_sequences(1, 80, pool)
+
+
+def test_hand_model_has_a_previous_token_head(hand_model):
+    tokens = ind.repeat_sequences(ind.random_token_sequences(2, 8, np.arange(24), seed=1), 3, BOS)
+    probs, _ = next(ind.head_outputs(hand_model, tokens))
+    prev_mass = np.diagonal(probs[:, 0], offset=-1, axis1=1, axis2=2)     # [N, T-1]: attention i -> i-1
+    assert prev_mass.min() > 0.99
+
+
+def test_induction_head_scores_high_and_random_head_low(hand_model):
+    scores = ind.induction_scores(hand_model, num_sequences=6, segment_len=8, repeats=3,
+                                  exclude_ratio=0.0, bos_id=BOS, seed=0, batch_size=3)
+    prefix, copying = scores["prefix_matching"].mean(0), scores["copying"].mean(0)   # [L, H]
+    assert scores["prefix_matching"].shape == (6, 2, H) and scores["copying"].shape == (6, 2, H)
+    assert prefix[1, 0] > 0.95 and copying[1, 0] > 0.95          # the hand-built induction head
+    assert prefix[1, 1] < 0.3 and copying[1, 1] < 0.6             # the random head
+    assert prefix[0, 0] < 0.05                                    # previous-token head: wrong offset
+    assert copying[0, 0] < 0.05 and copying[1, 2] < 0.05          # writes no token logit / writes nothing
+    assert np.argmax(prefix) == np.ravel_multi_index((1, 0), prefix.shape)
+
+
+def test_head_outputs_add_up_to_the_model_output():
+    """One layer, zero MLP: ln_f(x + sum of head outputs + c_proj bias) @ wte.T are the logits."""
+    cfg = GPT2Config(vocab_size=97, n_positions=64, n_embd=16, n_layer=1, n_head=4, adapter="none",
+                     initializer_range=0.3)
+    model = GPT2LMModel(cfg)
+    rng = np.random.default_rng(0)
+    for name, p in model.named_parameters():
+        if ".mlp.c_fc." in name or ".mlp.c_proj." in name:
+            p.update(jt.zeros(p.shape, dtype="float32"))
+        elif name.endswith("bias"):
+            p.update(jt.array(rng.normal(0, 0.1, p.shape).astype(np.float32)))
+    model.eval()
+    ids = rng.integers(0, 97, (2, 9))
+    (probs, outs), = list(ind.head_outputs(model, ids))
+    assert probs.shape == (2, 4, 9, 9) and outs.shape == (2, 4, 9, 16)
+    tr = model.transformer
+    x = tr.wte.weight.numpy()[ids] + tr.wpe.weight.numpy()[np.arange(9)]
+    x = x + outs.sum(1) + tr.h[0].attn.c_proj.bias.numpy()
+    u = x - x.mean(-1, keepdims=True)
+    hidden = u / np.sqrt((u * u).mean(-1, keepdims=True) + 1e-5) * tr.ln_f.weight.numpy() + tr.ln_f.bias.numpy()
+    expected = hidden @ tr.wte.weight.numpy().T
+    logits = model(jt.array(ids.astype(np.int32)))[0].numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_induction_cli_finds_the_hand_built_head(hand_model, tmp_path):
+    from jt_lora.analysis.cli import main
+
+    hand_model.save_pretrained(tmp_path / "hand")
+    hand_model.eval()
+    out = tmp_path / "out"
+    rc = main(["induction", "--init_checkpoint", str(tmp_path / "hand"), "--out", str(out), "--num_sequences", "4",
+               "--segment_len", "8", "--repeats", "3", "--exclude_ratio", "0", "--bos_id", str(BOS),
+               "--batch_size", "2", "--no_progress"])
+    assert rc == 0
+    summary = json.loads((out / "induction.json").read_text())
+    (record,) = summary["models"]
+    assert record["label"] == "base"
+    assert np.array(record["prefix_matching"]["mean"]).shape == (2, H)
+    assert np.array(record["copying"]["std"]).shape == (2, H)
+    top = record["top_heads"][0]
+    assert (top["layer"], top["head"]) == (1, 0) and top["prefix_matching"] > 0.95 and top["copying"] > 0.95
+    assert summary["settings"]["bos_id"] == BOS and summary["settings"]["copy_len"] == 24
+    assert (out / "induction.png").stat().st_size > 0 and (out / "induction_config.json").exists()
