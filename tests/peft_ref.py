@@ -1,0 +1,118 @@
+"""HF PEFT reference values for the jt_lora.peft tests, computed in a separate process.
+
+Jittor and torch each bring their own MKL, so torch never runs in the test
+process (as tests/torch_ref.py). Usage: ``python peft_ref.py JOBS.json OUT_DIR``;
+JOBS.json holds ``{"base": HF_DIR, "ids": [[...]], "jobs": [...]}`` and each job
+writes logits into OUT_DIR/logits.npz under its name and facts into
+OUT_DIR/facts.json. Job kinds:
+
+* ``make``: a PEFT model on the base with ``config`` (adapter_config.json fields), every adapter
+  tensor drawn at random (non-zero), saved to ``out``; records logits and parameter counts.
+* ``eval``: ``peft.PeftModel.from_pretrained(base, adapter)``; records logits and warnings.
+* ``weighted``: loads ``adapters`` and runs PEFT's ``add_weighted_adapter``.
+* ``ms``: a microsoft/LoRA checkpoint (``module.transformer.`` keys, loralib's grouped lora_A/B on
+  q and v of c_attn) saved to ``out``, with logits from loralib's formula on the HF model.
+"""
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+
+
+def _base(base_dir):
+    import transformers
+    return transformers.GPT2LMHeadModel.from_pretrained(base_dir).eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def make(job, base_dir, ids, facts):
+    import peft
+    torch.manual_seed(job["seed"])
+    config = peft.PeftConfig.from_peft_type(**job["config"])
+    model = peft.get_peft_model(_base(base_dir), config)
+    trainable, total = model.get_nb_trainable_parameters()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name or (name.endswith("bias") and p.requires_grad):
+                p.add_(torch.randn_like(p) * 0.3)
+            elif "ia3_l" in name:
+                p.copy_(1 + torch.randn_like(p) * 0.3)
+    model.eval()
+    model.save_pretrained(job["out"])
+    facts[job["name"]] = {"trainable": trainable, "total": total}
+    return _logits(model, ids)
+
+
+def evaluate(job, base_dir, ids, facts):
+    import peft
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(_base(base_dir), job["adapter"]).eval()
+    facts[job["name"]] = {"warnings": [str(w.message) for w in caught]}
+    return _logits(model, ids)
+
+
+def weighted(job, base_dir, ids, facts):
+    import peft
+    names = [f"a{i}" for i in range(len(job["adapters"]))]
+    model = peft.PeftModel.from_pretrained(_base(base_dir), job["adapters"][0], adapter_name=names[0])
+    for name, path in zip(names[1:], job["adapters"][1:]):
+        model.load_adapter(path, adapter_name=name)
+    kw = {"combination_type": job["combination_type"]} if job.get("combination_type") else {}
+    model.add_weighted_adapter(names, job["weights"], "combined", **kw)
+    model.set_adapter("combined")
+    return _logits(model.eval(), ids)
+
+
+def loralib_merged_delta(A, B, enable, scaling):
+    """loralib MergedLinear's update, [out, in], via its grouped conv1d."""
+    groups = sum(enable)
+    d = F.conv1d(A.unsqueeze(0), B.unsqueeze(-1), groups=groups).squeeze(0)  # [part*groups, in]
+    part = d.shape[0] // groups
+    out = torch.zeros(part * len(enable), A.shape[1], dtype=A.dtype)
+    mask = torch.zeros(len(enable), part, dtype=torch.bool)
+    mask[torch.tensor(enable)] = True
+    out[mask.view(-1)] = d
+    return out * scaling
+
+
+def ms_checkpoint(job, base_dir, ids, facts):
+    model = _base(base_dir)
+    sd = model.state_dict()
+    ms = {"module." + k: v.clone() for k, v in sd.items() if k.startswith("transformer.")}
+    r, alpha, enable = job["r"], job["alpha"], [True, False, True]
+    g = torch.Generator().manual_seed(job["seed"])
+    n = model.config.n_embd
+    with torch.no_grad():
+        for i in range(model.config.n_layer):
+            A = torch.randn(r * 2, n, generator=g) * 0.3
+            B = torch.randn(n * 2, r, generator=g) * 0.3
+            ms[f"module.transformer.h.{i}.attn.c_attn.lora_A"] = A
+            ms[f"module.transformer.h.{i}.attn.c_attn.lora_B"] = B
+            model.transformer.h[i].attn.c_attn.weight += loralib_merged_delta(A, B, enable, alpha / r).t()
+    torch.save({"model_state_dict": ms}, job["out"])
+    return _logits(model, ids)
+
+
+KINDS = {"make": make, "eval": evaluate, "weighted": weighted, "ms": ms_checkpoint}
+
+if __name__ == "__main__":
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out_dir = Path(sys.argv[2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = np.array(spec["ids"], dtype=np.int64)
+    logits, facts = {}, {}
+    for job in spec["jobs"]:
+        logits[job["name"]] = KINDS[job["kind"]](job, spec["base"], ids, facts)
+    np.savez(out_dir / "logits.npz", **logits)
+    (out_dir / "facts.json").write_text(json.dumps(facts, indent=1))
