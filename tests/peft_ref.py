@@ -48,7 +48,7 @@ def make(job, base_dir, ids, facts):
             elif "ia3_l" in name:
                 p.copy_(1 + torch.randn_like(p) * 0.3)
     model.eval()
-    model.save_pretrained(job["out"])
+    model.save_pretrained(job["out"], safe_serialization=job.get("safetensors", True))
     facts[job["name"]] = {"trainable": trainable, "total": total}
     return _logits(model, ids)
 

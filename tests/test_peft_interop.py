@@ -50,7 +50,7 @@ PEFT_CASES = {
     "p_lora_bias_m2s": {"peft_type": "LORA", "r": 2, "lora_alpha": 8, "target_modules": ["c_attn", "attn.c_proj"],
                         "bias": "lora_only", "modules_to_save": ["ln_f"], "lora_dropout": 0.1},
     "p_lora_bias_all": {"peft_type": "LORA", "r": 1, "lora_alpha": 3, "target_modules": ["mlp.c_proj"],
-                        "bias": "all"},
+                        "bias": "all"},  # saved as adapter_model.bin
     "p_ia3_default": {"peft_type": "IA3"},
     "p_ia3_custom": {"peft_type": "IA3", "target_modules": ["c_fc", "mlp.c_proj", "attn.c_proj"],
                      "feedforward_modules": ["mlp.c_proj"]},
@@ -109,7 +109,8 @@ def world(tmp_path_factory):
     w = {"root": root, "fresh": fresh, "base": _logits(fresh()), "jt": {}, "reload": {}, "counts": {}}
 
     # Round 1 (torch): PEFT-made adapters and a microsoft/LoRA checkpoint.
-    jobs = [{"kind": "make", "name": n, "config": c, "seed": i, "out": str(root / n)}
+    jobs = [{"kind": "make", "name": n, "config": c, "seed": i, "out": str(root / n),
+             "safetensors": n != "p_lora_bias_all"}  # one legacy adapter_model.bin (torch pickle)
             for i, (n, c) in enumerate(PEFT_CASES.items())]
     jobs.append({"kind": "ms", "name": "ms", "r": 2, "alpha": 32.0, "seed": 7, "out": str(root / "ms.pt")})
     w["peft"], w["peft_facts"] = _torch(root, "round1", jobs)

@@ -249,11 +249,14 @@ def load_adapter_into(tuner, path, adapter_name: str, is_trainable: bool = False
     """Inject adapter ``adapter_name`` (frozen, inactive) from a file; on any error the model is as before."""
     config, state, peft_layout = read_adapter(path, tuner.model, config)
     config = config.replace(inference_mode=not is_trainable)
+    frozen = [(p, p.is_stop_grad()) for p in tuner.parameters()]
     tuner.inject_adapter(adapter_name, config)
     try:
         assign_state(tuner, adapter_name, state, str(path), peft_layout)
     except BaseException:
         tuner.delete_adapter(adapter_name)
+        for p, was_frozen in frozen:
+            p.stop_grad() if was_frozen else p.start_grad()
         raise
     return config
 

@@ -230,8 +230,7 @@ class BaseTuner(AdapterModule):
                 if name in self.active_adapters and not inference_mode:
                     trainable.extend(params)
         for p in self.model.parameters():
-            if id(p) not in adapter_ids:
-                p.stop_grad()
+            p.stop_grad()
         for p in trainable:
             p.start_grad()
         if not inference_mode:
@@ -255,11 +254,12 @@ class BaseTuner(AdapterModule):
                     base = layer.base_layer if isinstance(layer, TunerLayer) else layer.original_module
                     _set_child(self.model, key, base)
         del self.peft_config[adapter_name]
-        active = [n for n in self.active_adapters if n != adapter_name]
-        if not active and self.peft_config:
-            active = [next(iter(self.peft_config))]
-            warnings.warn(f"deleted the active adapter {adapter_name!r}; {active[0]!r} is now active")
-        self.set_adapter(active)
+        if adapter_name in self.active_adapters:
+            active = [n for n in self.active_adapters if n != adapter_name]
+            if not active and self.peft_config:
+                active = [next(iter(self.peft_config))]
+                warnings.warn(f"deleted the active adapter {adapter_name!r}; {active[0]!r} is now active")
+            self.set_adapter(active)
 
     def _enable_adapter_layers(self, enabled: bool):
         for _, layer in self.tuner_layers():
