@@ -13,7 +13,7 @@ from conftest import TINY
 from jt_lora import GPT2Config, GPT2LMModel
 from jt_lora.backend import jt, nn
 from jt_lora.lora import Linear
-from jt_lora.peft import (AdapterFileError, IA3Config, IA3Layer, LoraConfig, LoraLayer, ModulesToSaveWrapper,
+from jt_lora.peft import (AdapterFileError, IA3Config, LoraConfig, LoraLayer, ModulesToSaveWrapper,
                           PeftModel, get_peft_model)
 from jt_lora.peft.config import config_from_dict
 from jt_lora.peft.layers import TunerLayer
@@ -109,7 +109,9 @@ def test_unknown_architecture_and_nothing_matched(base):
         get_peft_model(model, LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="not dense layers"):
         get_peft_model(model, LoraConfig(target_modules=r".*ln_1"))
-    assert not _layers(model)  # nothing was wrapped by the failed calls
+    with pytest.raises(ValueError, match="modules_to_save: no module named 'score'"):
+        get_peft_model(model, LoraConfig(modules_to_save=["score"]))
+    assert not _layers(model) and not _layers(model, ModulesToSaveWrapper)  # failed calls wrapped nothing
     with pytest.raises(ValueError, match="adapter='none'"):
         get_peft_model(GPT2LMModel(GPT2Config(**TINY, adapter="lora")), LoraConfig())
 

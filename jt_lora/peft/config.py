@@ -16,7 +16,7 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 __all__ = ["PeftConfig", "LoraConfig", "IA3Config", "config_from_dict", "TASK_TYPES", "DEFAULT_TARGETS",
            "pattern_value"]

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..saving import atomic_write_text, save_safetensors
 from .config import LoraConfig, IA3Config, PeftConfig, config_from_dict
-from .layers import IA3Layer, LoraLayer, ModulesToSaveWrapper, assign
+from .layers import IA3Layer, LoraLayer, assign
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFileError", "peft_state_dict", "peft_config_dict",
            "save_adapter_dir", "read_adapter", "read_adapter_files", "assign_state", "load_adapter_into",

@@ -15,7 +15,6 @@ base weight and unmerging restores it, so unmerge is exact (dividing by an
 (IA)³ vector or subtracting a LoRA update is not).
 """
 import copy
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np

@@ -78,7 +78,8 @@ class BaseTuner(AdapterModule):
         adapter = getattr(getattr(model, "config", None), "adapter", "none")
         if adapter != "none":
             raise ValueError(f"the model was built with its own adapter (config.adapter={adapter!r}); build the base "
-                             f"with adapter='none', or convert it with jt_lora.peft.from_native(model)")
+                             f"with adapter='none' (GPT2LMModel.from_pretrained(path, adapter='none')), or convert "
+                             f"a natively trained adapter with jt_lora.peft.from_native(model)")
         self.model = model
         self.peft_config: Dict[str, PeftConfig] = {}
         self.active_adapters: List[str] = [adapter_name]
@@ -163,7 +164,10 @@ class BaseTuner(AdapterModule):
         config = self._prepare_config(config)
         targets, config = self._match(config)
         self._check_targets(config, targets)
+        to_save = self._modules_to_save(config)
         for key, module in targets:
+            base = module.base_layer if isinstance(module, TunerLayer) else module
+            config.fan_in_fan_out = linear_info(base)[2]  # jt_lora layers know their layout; the file records it
             if isinstance(module, self.layer_cls):
                 layer = module
             else:
@@ -172,19 +176,7 @@ class BaseTuner(AdapterModule):
             self._update_layer(layer, adapter_name, config, key)
             for p in layer.adapter_params(adapter_name):
                 p.stop_grad()
-        for key in config.modules_to_save or ():
-            self._add_module_to_save(key, adapter_name)
-        self.peft_config[adapter_name] = config
-
-    def _fix_fan_in_fan_out(self, config, module):
-        _, _, ffo = linear_info(module if not isinstance(module, TunerLayer) else module.base_layer)
-        config.fan_in_fan_out = ffo  # jt_lora layers know their layout; the saved config records it
-
-    def _add_module_to_save(self, name: str, adapter_name: str):
-        found = [(k, m) for k, m in self._candidates() if k == name or k.endswith("." + name)]
-        if not found:
-            raise ValueError(f"modules_to_save: no module named {name!r}")
-        for key, module in found:
+        for key, module in to_save:
             if not isinstance(module, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(module)
                 _set_child(self.model, key, wrapper)
@@ -192,6 +184,17 @@ class BaseTuner(AdapterModule):
             module.update(adapter_name)
             for p in module.adapter_params(adapter_name):
                 p.stop_grad()
+        self.peft_config[adapter_name] = config
+
+    def _modules_to_save(self, config):
+        """(key, module) for every name in ``modules_to_save``, all found before anything changes."""
+        found = []
+        for name in config.modules_to_save or ():
+            hits = [(k, m) for k, m in self._candidates() if k == name or k.endswith("." + name)]
+            if not hits:
+                raise ValueError(f"modules_to_save: no module named {name!r}")
+            found.extend(hits)
+        return found
 
     def _check_targets(self, config, targets):
         """Method-specific checks before anything is changed."""
@@ -365,7 +368,6 @@ class LoraModel(BaseTuner):
         return LoraLayer(module)
 
     def _update_layer(self, layer, adapter_name, config: LoraConfig, key):
-        self._fix_fan_in_fan_out(config, layer)
         r, alpha = config.rank_for(key), config.alpha_for(key)
         layer.update_layer(adapter_name, r, alpha, config.scaling(r, alpha), config.lora_dropout,
                            config.lora_inhibition, config.enable_lora, config.init_lora_weights)
@@ -400,17 +402,17 @@ class LoraModel(BaseTuner):
             raise ValueError(f"cannot combine InA adapters {ina}: their update is non-linear")
         if combination_type not in ("cat", "linear", "svd"):
             raise ValueError(f"combination_type must be 'cat', 'linear' or 'svd', got {combination_type!r}")
-        layers = [l for _, l in self.tuner_layers() if isinstance(l, LoraLayer)]
+        layers = [layer for _, layer in self.tuner_layers() if isinstance(layer, LoraLayer)]
         if combination_type == "linear":
-            layouts = {(l.r[a], l.enable_lora[a]) for l in layers for a in adapters if a in l}
+            layouts = {(ly.r[a], ly.enable_lora[a]) for ly in layers for a in adapters if a in ly}
             if len(layouts) != 1:
                 raise ValueError(f"combination_type='linear' needs adapters of the same rank and layout; found "
                                  f"(r, enable_lora) = {sorted(layouts, key=str)}")
             (r, enable), = layouts
             new_r = r
         else:
-            ranks = [l.r[a] * l.groups(a) for l in layers for a in adapters if a in l]
-            per_layer = [sum(l.r[a] * l.groups(a) for a in adapters if a in l) for l in layers]
+            ranks = [ly.r[a] * ly.groups(a) for ly in layers for a in adapters if a in ly]
+            per_layer = [sum(ly.r[a] * ly.groups(a) for a in adapters if a in ly) for ly in layers]
             new_r = max(per_layer) if combination_type == "cat" else (svd_rank or max(ranks))
             enable = None
         first = self.peft_config[adapters[0]]
@@ -482,7 +484,6 @@ class IA3Model(BaseTuner):
                                  f"existing adapters; a new adapter cannot change that")
 
     def _new_layer(self, config, key, module):
-        self._fix_fan_in_fan_out(config, module)
         return IA3Layer(module, self._is_feedforward(config, key))
 
     def _update_layer(self, layer, adapter_name, config: IA3Config, key):
