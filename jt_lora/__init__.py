@@ -15,6 +15,8 @@ _EXPORTS = {
     "mark_only_adapter_as_trainable": "adapters", "adapter_state_dict": "adapters",
     "trainable_parameters": "adapters", "count_parameters": "adapters",
     "save_adapter": "saving", "load_adapter": "saving",
+    "LoraConfig": "peft", "IA3Config": "peft", "get_peft_model": "peft", "PeftModel": "peft",
+    "from_native": "peft",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -15,7 +15,8 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 
 def is_adapter_param(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].startswith(ADAPTER_PREFIXES)
+    """``...c_attn.lora_A`` (native) and ``...c_attn.lora_A.default.weight`` (PEFT-style) alike."""
+    return any(part.startswith(ADAPTER_PREFIXES) for part in name.split("."))
 
 
 def _owners_with_adapters(names):
