@@ -289,3 +289,9 @@ def test_cli_errors_name_the_file(files, tmp_path, capsys):
     assert _run("induction", "--init_checkpoint", str(files / "base"), "--include_base", "--base_label", "same",
                 "--checkpoint", str(files / "base"), "--label", "same", "--out", str(tmp_path / "o")) == 1
     assert "labels must differ" in capsys.readouterr().err
+
+
+def test_labels_become_unique_directory_names():
+    from jt_lora.analysis.models import unique_slugs
+
+    assert unique_slugs(["InA 30%", "InA 30%!", "LoRA", "../x", "%"]) == ["InA_30", "InA_30_2", "LoRA", "x", "model"]

@@ -22,6 +22,15 @@ from .models import ModelSpec, example_batches, load_model, num_batches, read_ex
 __all__ = ["build_parser", "main"]
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None / False."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _AddModel(argparse.Action):
     """``--adapter_dir`` / ``--checkpoint``: append a model; a following ``--label`` names it."""
 
@@ -52,12 +61,12 @@ def _common(p: argparse.ArgumentParser, data: bool) -> None:
                    help="another full model, e.g. fully fine-tuned weights (repeatable)")
     p.add_argument("--label", action=_SetLabel, metavar="TEXT",
                    help="name of the preceding --adapter_dir/--checkpoint in figures and JSON "
-                        "(default: its directory name)")
+                        "(without it: the directory name)")
     p.add_argument("--include_base", action="store_true",
                    help="also analyse the base model alone (always done when no other model is given)")
     p.add_argument("--base_label", default="base", help="label of the base model's column")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4, help="examples (sequences) per forward pass")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     if data:
@@ -67,25 +76,28 @@ def _common(p: argparse.ArgumentParser, data: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jt_lora.analysis", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m jt_lora.analysis",
+        description="Interpretability of jt_lora GPT-2 models: attention maps, head importance, induction heads. "
+                    "Compare models with repeated --adapter_dir DIR --label TEXT.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{attention,head-importance,induction}")
 
     a = sub.add_parser("attention", help="average attention maps per layer, PNGs and a layer x model grid",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     _common(a, data=True)
     a.add_argument("--per_head", action="store_true", help="also save per-head averages (.npy + PNG per layer)")
     a.add_argument("--gamma", type=float, default=0.5,
                    help="power-law colour scale exponent (1 = linear; < 1 shows small probabilities)")
 
     h = sub.add_parser("head-importance", help="Michel et al. head importance and FFN knock-out loss change",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     _common(h, data=True)
     h.add_argument("--loss_tokens", default="completion", choices=["completion", "all"],
                    help="tokens of the loss: completion only (as in fine-tuning) or every next token")
     h.add_argument("--no_ffn", action="store_true", help="skip the FFN knock-out (n_layer extra passes)")
 
     i = sub.add_parser("induction", help="prefix-matching and copying scores per head",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     _common(i, data=False)
     i.add_argument("--num_sequences", type=int, default=20, help="random sequences per score")
     i.add_argument("--segment_len", type=int, default=25, help="distinct random tokens per segment")
@@ -97,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "BPE merge order: the most and least frequent tokens)")
     i.add_argument("--bos_id", type=int, default=None,
                    help="token before every sequence (default 50256 for GPT-2's vocabulary, else none; -1 = none)")
-    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--seed", type=int, default=0, help="seed of the random sequences")
     return p
 
 
@@ -151,7 +163,7 @@ def _save_png(args, fig, path: Path) -> None:
 
 
 def _write_config(args, specs, out: Path) -> None:
-    config = {k: v for k, v in vars(args).items() if k != "models"}
+    config = {k: v for k, v in vars(args).items() if k not in ("models", "label")}
     config["models"] = [s.describe() for s in specs]
     for key in ("init_checkpoint", "data", "out"):
         if config.get(key):
@@ -170,10 +182,10 @@ def _check_same_shape(model, first, spec):
     return first
 
 
-def _free(model) -> None:
+def _release() -> None:
+    """Return the memory of a model the caller has just deleted, before the next one is loaded."""
     from ..backend import jt
 
-    del model
     jt.gc()
 
 
@@ -197,7 +209,8 @@ def run_attention(args, specs, out: Path) -> dict:
         maps = attention_maps(model, example_batches(dataset, args.batch_size), max_len,
                               per_head=args.per_head, progress=bar)
         bar.close()
-        _free(model)
+        del model
+        _release()
         model_dir = out / slug
         _save_npy(model_dir / "attention_average.npy", maps.average)
         if maps.heads is not None:
@@ -258,7 +271,8 @@ def run_head_importance(args, specs, out: Path) -> dict:
             bar.close()
             record["ffn_knockout"] = {"base_loss": ko["base_loss"], "loss": ko["loss"].tolist(),
                                       "delta": ko["delta"].tolist()}
-        _free(model)
+        del model
+        _release()
         record["seconds"] = round(time.time() - start, 2)
         records.append(record)
         _say(args, f"{spec.label}: loss {imp['loss']:.4f} over {int(imp['tokens'])} tokens")
@@ -305,7 +319,8 @@ def run_induction(args, specs, out: Path) -> dict:
         scores = induction_scores(model, args.num_sequences, args.segment_len, args.repeats, args.copy_len,
                                   args.exclude_ratio, bos, args.seed, args.batch_size, progress=bar)
         bar.close()
-        _free(model)
+        del model
+        _release()
         prefix, copying = scores["prefix_matching"], scores["copying"]   # [N, L, H]
         records.append({**spec.describe(), "dir": slug,
                         "prefix_matching": {"mean": prefix.mean(0).tolist(), "std": prefix.std(0).tolist()},

@@ -36,12 +36,20 @@ def loss_weights(batch: dict, tokens: str = "completion") -> np.ndarray:
 
 
 def _forward_loss(model, batch, weights, head_mask=None, ffn_mask=None):
-    """Summed token loss (a jt scalar) of one batch; the caller divides by the token count."""
+    """Summed token loss (a jt scalar) of one batch; the caller divides by the token count.
+
+    The LM head (``n_embd x vocab``) runs only at positions with a loss weight: on short examples it
+    is the costliest part of the forward pass, and the FFN knock-out repeats it ``n_layer`` times.
+    """
+    b, t = batch["input"].shape
     ids = jt.array(batch["input"].astype(np.int32))
-    mask = jt.array(padding_mask(batch["length"], batch["input"].shape[1]))
-    logits, _ = model(ids, attention_mask=mask, head_mask=head_mask, ffn_mask=ffn_mask)
-    losses = token_losses(logits, jt.array(batch["target"].astype(np.int32)))
-    return (losses * jt.array(weights)).sum()
+    mask = jt.array(padding_mask(batch["length"], t))
+    hidden, _, _ = model.transformer(ids, attention_mask=mask, head_mask=head_mask, ffn_mask=ffn_mask)
+    flat = weights.reshape(-1)
+    where = np.nonzero(flat)[0].astype(np.int32)
+    logits = model.logits(hidden.reshape(b * t, hidden.shape[-1])[jt.array(where)])      # [N, V]
+    losses = token_losses(logits, jt.array(batch["target"].reshape(-1)[where].astype(np.int32)))
+    return (losses * jt.array(flat[where])).sum()
 
 
 def head_importance(model, batches: Iterable[dict], tokens: str = "completion",
