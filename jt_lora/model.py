@@ -17,7 +17,7 @@ from .ia3 import IA3Linear
 from .lora import Linear, MergedLinear
 from .modes import AdapterModule
 
-__all__ = ["GPT2Config", "GPT2LMModel", "MODEL_CARDS", "ADAPTERS"]
+__all__ = ["GPT2Config", "GPT2LMModel", "MODEL_CARDS", "ADAPTERS", "causal_mask", "lm_loss", "token_losses"]
 
 MODEL_CARDS = {
     "gpt2.sm": dict(n_embd=768, n_layer=12, n_head=12),
@@ -216,7 +216,7 @@ class GPT2Model(AdapterModule):
             position_ids = jt.arange(t_past, t_past + t).int32().reshape(1, t).broadcast((b, t))
         x = self.wte(input_ids) + self.wpe(position_ids)
         x = _dropout(self, x, self.config.embd_pdrop)
-        bias_mask = _causal_mask(t, t_past, attention_mask)
+        bias_mask = causal_mask(t, t_past, attention_mask)
         presents, attentions = [], []
         for i, block in enumerate(self.h):
             x, present, probs = block(
@@ -230,7 +230,7 @@ class GPT2Model(AdapterModule):
         return self.ln_f(x), presents, attentions
 
 
-def _causal_mask(t: int, t_past: int, attention_mask=None):
+def causal_mask(t: int, t_past: int, attention_mask=None):
     """(keep, add) so that ``w*keep + add`` equals the reference's ``w*b - 1e10*(1-b)``."""
     total = t_past + t
     keep = np.tril(np.ones((total, total), dtype="float32"))[t_past:total, :total]  # [T, T_total]

@@ -26,6 +26,10 @@ ADAPTER_FIELDS = ("adapter", "lora_attn_dim", "lora_attn_alpha", "lora_dropout",
                   "lora_enable", "ia3_enable", "ia3_feedforward")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +39,7 @@ def _atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -50,9 +50,8 @@ else
   DATA_DIR="$ROOT/data/e2e_prepared" CKPT="$CKPT" bash finetune.sh --model_card "$MODEL" --adapter "$ADAPTER" \
     --work_dir "$WORK/train" ${EXTRA_TRAIN_ARGS:-}
   step "3/4 beam search on the E2E test set"
-  bash run_inference.sh --data "$ROOT/data/e2e_prepared/test.jsonl" --model_card "$MODEL" \
-    --base_checkpoint "$CKPT" --adapter_dir "$WORK/train/adapter" --unique_contexts \
-    --work_dir "$WORK/generate" --output_file predict.jsonl
+  DATA_DIR="$ROOT/data/e2e_prepared" CKPT="$CKPT" ADAPTER_DIR="$WORK/train/adapter" WORK_DIR="$WORK/generate" \
+    bash run_inference.sh --model_card "$MODEL" --output_file predict.jsonl
   INPUT="$ROOT/data/e2e_prepared/test_formatted.jsonl"
 fi
 

@@ -74,7 +74,7 @@ def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.
     """Per layer: attention probabilities [B, H, T, T] and each head's write to the residual
     stream [B, H, T, C] (its attention-weighted values through its rows of ``c_proj``, without the
     bias). The residual stream itself comes from the model's own blocks, unmasked."""
-    from ..model import _causal_mask
+    from ..model import causal_mask
 
     tr = model.transformer
     b, t = input_ids.shape
@@ -83,7 +83,7 @@ def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.
     ids = jt.array(input_ids.astype(np.int32))
     with jt.no_grad():
         x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
-        bias_mask = _causal_mask(t, 0)
+        bias_mask = causal_mask(t, 0)
         # one_hot[h] keeps head h's D features of the concatenated [H*D] attention output
         one_hot = np.zeros((n_head, 1, 1, width), dtype=np.float32)
         for h in range(n_head):
