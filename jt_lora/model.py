@@ -14,6 +14,7 @@ import numpy as np
 
 from .backend import jt, nn
 from .ia3 import IA3Linear
+from .kernels import batched_matmul
 from .lora import Linear, MergedLinear
 from .modes import AdapterModule
 
@@ -143,14 +144,14 @@ class Attention(AdapterModule):
             k = jt.concat([layer_past[0], k], dim=2)
             v = jt.concat([layer_past[1], v], dim=2)
         present = (k, v)
-        w = jt.matmul(q, k.transpose(0, 1, 3, 2)) / math.sqrt(v.shape[-1])  # [B, H, Tq, Tk]
+        w = batched_matmul(q, k, transpose_b=True) / math.sqrt(v.shape[-1])  # [B, H, Tq, Tk]
         keep, add = bias_mask
         w = w * keep + add  # the reference's w*b - 1e10*(1-b)
         probs = nn.softmax(w, dim=-1)
         probs = _dropout(self, probs, self.attn_pdrop)
         if head_mask is not None:
             probs = probs * head_mask.reshape(1, -1, 1, 1)
-        a = jt.matmul(probs, v)  # [B, H, Tq, D]
+        a = batched_matmul(probs, v)  # [B, H, Tq, D]
         b, h, t, d = a.shape
         a = a.transpose(0, 2, 1, 3).reshape(b, t, h * d)
         a = _dropout(self, self.c_proj(a), self.resid_pdrop)
