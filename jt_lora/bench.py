@@ -80,14 +80,13 @@ def bench_jittor(args) -> dict:
                             head_positions=int(mask.sum()))
         return {"tokens_per_s": rate, "step_s": med, "gflops": flops / med / 1e9, "times": times,
                 "device": device_name()}
-    from .generate import BeamSettings, beam_search
+    from .generate import beam_search
     model.eval()
     prompts = [list(map(int, rng.integers(0, cfg.vocab_size, args.prompt_len))) for _ in range(args.batch)]
-    settings = BeamSettings(beam=args.beam, max_new_tokens=args.new_tokens, min_length=args.new_tokens,
-                            eos_token_ids=(-1,))
 
-    def run():
-        beam_search(model, prompts, batch_size=args.batch, settings=settings, progress=False)
+    def run():  # no eos: every hypothesis runs the full --new_tokens steps, as in the HF run
+        beam_search(model, prompts, batch_size=args.batch, beam=args.beam, max_new_tokens=args.new_tokens,
+                    eos_token_ids=(), early_stop=False)
 
     rate, med, times = _median_rate(run, args.batch * args.new_tokens, args.steps, args.warmup)
     return {"tokens_per_s": rate, "step_s": med, "times": times, "device": device_name()}
