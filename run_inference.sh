@@ -34,8 +34,11 @@ if [ -z "$ADAPTER_DIR" ]; then
   done
 fi
 [ "$ADAPTER_DIR" = none ] && ADAPTER_DIR=""
-tag="${ADAPTER_DIR:+${ADAPTER_DIR##*checkpoint-}}"
-tag="${tag:-model}"
+case "$ADAPTER_DIR" in
+  "") tag=model ;;
+  *checkpoint-*) tag="${ADAPTER_DIR##*checkpoint-}" ;;
+  *) tag="$(basename "$ADAPTER_DIR")" ;;   # e.g. WORK_DIR/adapter: not the whole path
+esac
 
 args=(
   --data "$DATA_DIR/test.jsonl"

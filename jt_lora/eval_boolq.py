@@ -388,7 +388,7 @@ def _maybe_tokenizer(args):
 
 def _build_model(args):
     """The model the flags describe, loaded exactly as ``jt_lora.generate`` loads it (eval mode)."""
-    from .generate import _build_model as build
+    from .generate import build_model as build
     return build(args)
 
 

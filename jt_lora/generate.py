@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build_model(args):
+def build_model(args):
     """The model the flags describe, in eval mode; returns (model, description for the config)."""
     from .model import GPT2Config, GPT2LMModel
     from .saving import ADAPTER_FIELDS, load_adapter, read_adapter_config
@@ -541,7 +541,7 @@ def _run(args) -> int:
     config_path = out_path.with_name(stem + ".config.json")
     text_path = out_path.with_name(stem + ".txt")
 
-    model = _build_model(args)
+    model = build_model(args)
     vocab = model.config.vocab_size
     eos_all = list(dict.fromkeys([50256] + list(args.eos_token_id or [])))
     eos = [e for e in eos_all if 0 <= e < vocab]
