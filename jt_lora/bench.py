@@ -117,11 +117,52 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compare", choices=["hf"], default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--table", metavar="RESULTS_JSONL", default=None,
+                   help="print a Markdown table of earlier --json results and exit")
     return p
+
+
+def machine_line() -> str:
+    import platform
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def table(path) -> str:
+    """Markdown table of ``--json`` result lines (one per workload)."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    out = [f"Machine: {machine_line()}. Median of timed runs after a warm-up; ratios are pairs from one run.",
+           "",
+           "| model | workload | adapter | jt_lora tokens/s | HF+PEFT tokens/s | speed-up | jt_lora GFLOP/s | peak RSS jt_lora / HF (MB) |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["mode"] == "train":
+            work = f"train step, batch {r['batch']} x {r['seq']}" + (
+                f", loss on {r['loss_fraction']:.0%}" if r.get("loss_fraction", 1.0) < 1.0 else "")
+            gflops = f"{r['gflops']:.1f}"
+        else:
+            work = f"beam {r['beam']}, batch {r['batch']}, {r['new_tokens']} new tokens"
+            gflops = "-"
+        hf = r.get("hf", {})
+        out.append(f"| {r['model']} | {work} | {r['adapter']} | {r['tokens_per_s']:.1f} | "
+                   f"{hf.get('tokens_per_s', float('nan')):.1f} | {r.get('speedup_vs_hf', float('nan')):.2f}x | "
+                   f"{gflops} | {r['peak_rss_mb']:.0f} / {hf.get('peak_rss_mb', float('nan')):.0f} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     ours = bench_jittor(args)
     ours["peak_rss_mb"] = _peak_rss_mb()
     result = {"model": args.model, "mode": args.mode, "adapter": args.adapter, "batch": args.batch,

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The standard benchmark set: jt_lora against HF transformers + PEFT on this machine, in one run.
+# Writes bench_results/results.jsonl and bench_results/results.md (a Markdown table for the README).
+# Environment: QUICK=1 runs GPT-2 small only; STEPS (timed runs per figure, default 3).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+OUT="$ROOT/bench_results"
+STEPS="${STEPS:-3}"
+mkdir -p "$OUT"
+: > "$OUT/results.jsonl.tmp"
+run() { echo "bench: $*" >&2; "$PY" -m jt_lora.bench "$@" --steps "$STEPS" --warmup 1 --compare hf --json | tail -n 1 >> "$OUT/results.jsonl.tmp"; }
+for adapter in lora ina ia3; do
+  run --model gpt2.sm --mode train --adapter "$adapter" --batch 8 --seq 128
+done
+run --model gpt2.sm --mode train --adapter lora --batch 8 --seq 128 --loss_fraction 0.5
+run --model gpt2.sm --mode beam --adapter lora --batch 1 --beam 10 --new_tokens 64 --prompt_len 32
+if [ "${QUICK:-0}" != 1 ]; then
+  run --model gpt2.md --mode train --adapter lora --batch 8 --seq 128
+  run --model gpt2.md --mode beam --adapter lora --batch 1 --beam 10 --new_tokens 64 --prompt_len 32
+fi
+mv "$OUT/results.jsonl.tmp" "$OUT/results.jsonl"
+"$PY" -m jt_lora.bench --table "$OUT/results.jsonl" > "$OUT/results.md.tmp" && mv "$OUT/results.md.tmp" "$OUT/results.md"
+cat "$OUT/results.md"
