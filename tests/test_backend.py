@@ -50,5 +50,5 @@ def test_forced_cpu_and_missing_cuda_error():
     env.pop("nvcc_path", None)
     if backend.cuda_device_count() > 0:
         pytest.skip("a CUDA device is present")
-    proc = subprocess.run([sys.executable, "-c", "import jt_lora"], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", "import jt_lora.backend"], capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "JT_LORA_DEVICE=cuda but the CUDA driver reports no device" in proc.stderr

@@ -75,7 +75,7 @@ def head_importance(model, batches: Iterable[dict], tokens: str = "completion",
         total = _forward_loss(model, batch, weights, head_mask=head_mask)
         grad = jt.grad(total / n, head_mask)   # d(mean token loss of the batch)/d mask
         acc += np.abs(grad.numpy().astype(np.float64)) * n
-        loss_sum += float(total.numpy())
+        loss_sum += float(total.item())
         n_tokens += n
         if progress is not None:
             progress.update(1)
@@ -99,7 +99,7 @@ def dataset_loss(model, batches: Iterable[dict], tokens: str = "completion", hea
         for batch in batches:
             weights = loss_weights(batch, tokens)
             if weights.sum() > 0:
-                loss_sum += float(_forward_loss(model, batch, weights, head_mask, ffn_mask).numpy())
+                loss_sum += float(_forward_loss(model, batch, weights, head_mask, ffn_mask).item())
                 n_tokens += float(weights.sum())
             if progress is not None:
                 progress.update(1)
