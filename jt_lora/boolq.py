@@ -45,6 +45,7 @@ from jt_lora.e2e_data import (
     _write_json,
     encoded_jsonl_lines,
     gc_paused,
+    load_cached_result,
     meta_path,
     vocab_fingerprint,
     write_jsonl,
@@ -345,23 +346,6 @@ def encode_examples(examples: Sequence[Example], tokenizer, seq_len: int, *, tem
     return formatted, encoded, n_truncated
 
 
-def _load_cached(source: Path, outputs: Sequence[Path], settings: Dict) -> Optional[SplitResult]:
-    meta_file = meta_path(outputs[0])
-    if not meta_file.exists() or not all(p.exists() for p in outputs):
-        return None
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    if meta.get("settings") != settings or meta.get("source") != _fingerprint(source):
-        return None
-    if min(p.stat().st_mtime_ns for p in outputs) < source.stat().st_mtime_ns:
-        return None
-    result = SplitResult(**meta["result"])
-    result.cached = True
-    return result
-
-
 def convert_examples(split: str, examples: Sequence[Example], source, output, formatted_output, tokenizer,
                      settings: Dict, *, bad_lines: Sequence[str] = (), skip_bad_lines: bool = False) -> SplitResult:
     """Encode ``examples`` and write both JSONL files and the ``.meta.json`` (all atomically)."""
@@ -475,7 +459,7 @@ def prepare_boolq(
             continue
         settings = {**common, **extra, "split": split}
         outputs = (out_dir / f"{split}.jsonl", out_dir / f"{split}_formatted.jsonl")
-        cached = None if force else _load_cached(source, outputs, settings)
+        cached = None if force else load_cached_result(source, outputs, settings, SplitResult)
         if cached is not None:
             results[split] = cached
         else:

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from .adapters import is_adapter_param
-from .backend import jt
+from .modes import assign_keep_trainable
 
 __all__ = ["read_state_dict", "normalize_gpt2_keys", "load_gpt2_checkpoint", "load_into_model",
            "CheckpointError"]
@@ -127,11 +127,7 @@ def load_into_model(model, state: Dict[str, np.ndarray], strict: bool = True, so
     model.train()  # adapters unmerged while weights are replaced
     for k, arr in state.items():
         if k in params:
-            p = params[k]
-            frozen = p.is_stop_grad()
-            p.update(jt.array(np.ascontiguousarray(arr, dtype=np.float32)))
-            if frozen:
-                p.stop_grad()
+            assign_keep_trainable(params[k], np.ascontiguousarray(arr, dtype=np.float32))
     return missing, unexpected
 
 

@@ -344,9 +344,10 @@ def meta_path(output) -> Path:
     return Path(str(output) + ".meta.json")
 
 
-def _load_cached(source: Path, output: Path, formatted_output: Optional[Path], settings: Dict) -> Optional[ConvertResult]:
-    meta_file = meta_path(output)
-    outputs = [output] + ([formatted_output] if formatted_output else [])
+def load_cached_result(source: Path, outputs: Sequence[Path], settings: Dict, result_cls):
+    """The cached ``result_cls`` of a conversion whose outputs are newer than ``source`` and were made
+    with the same ``settings`` (recorded in the first output's .meta.json), else None."""
+    meta_file = meta_path(outputs[0])
     if not meta_file.exists() or not all(p.exists() for p in outputs):
         return None
     try:
@@ -357,7 +358,7 @@ def _load_cached(source: Path, output: Path, formatted_output: Optional[Path], s
         return None
     if min(p.stat().st_mtime_ns for p in outputs) < source.stat().st_mtime_ns:
         return None
-    result = ConvertResult(**meta["result"])
+    result = result_cls(**meta["result"])
     result.cached = True
     return result
 
@@ -413,7 +414,8 @@ def convert_file(
         "formatted_output": str(formatted_output.resolve()) if formatted_output else None,
     }
     if not force:
-        cached = _load_cached(source, output, formatted_output, settings)
+        cached = load_cached_result(source, [output] + ([formatted_output] if formatted_output else []),
+                                    settings, ConvertResult)
         if cached is not None:
             cached.seconds = time.perf_counter() - t0
             return cached

@@ -14,7 +14,7 @@ import numpy as np
 
 from .backend import jt, nn
 from .lora import kaiming_uniform
-from .modes import AdapterModule
+from .modes import AdapterModule, assign_keep_trainable
 
 __all__ = ["IA3Linear"]
 
@@ -89,12 +89,8 @@ class IA3Linear(AdapterModule):
 
     def _assign(self, weight, bias):
         for var, value in ((self.weight, weight), (self.bias, bias)):
-            if var is None:
-                continue
-            frozen = var.is_stop_grad()
-            var.update(value.detach())
-            if frozen:
-                var.stop_grad()
+            if var is not None:
+                assign_keep_trainable(var, value)
 
     def _sync_mode(self):
         if not self.merge_weights:

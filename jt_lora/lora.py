@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .backend import jt, nn
-from .modes import AdapterModule
+from .modes import AdapterModule, assign_keep_trainable
 
 __all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "InhibitionGate", "kaiming_uniform"]
 
@@ -113,10 +113,21 @@ class LoRALayer(AdapterModule):
             self.merge()
 
     def _set_weight(self, value):
-        frozen = self.weight.is_stop_grad()
-        self.weight.update(value.detach())
-        if frozen:
-            self.weight.stop_grad()
+        assign_keep_trainable(self.weight, value)
+
+    def _init_dense(self, in_features: int, out_features: int, fan_in_fan_out: bool, bias: bool):
+        """nn.Linear's init (kaiming-uniform weight, uniform bias), stored in the requested layout."""
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        w = kaiming_uniform((out_features, in_features), in_features)
+        self.weight = w.transpose() if fan_in_fan_out else w
+        bound = 1.0 / math.sqrt(in_features)
+        self.bias = jt.array(np.random.uniform(-bound, bound, out_features).astype("float32")) if bias else None
+
+    def base_forward(self, x):
+        """The frozen projection alone: x·W (+ b)."""
+        y = jt.matmul(x, self.weight) if self.fan_in_fan_out else nn.matmul_transpose(x, self.weight)
+        return y + self.bias if self.bias is not None else y
 
 
 class Linear(LoRALayer):
@@ -135,12 +146,7 @@ class Linear(LoRALayer):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
                  merge_weights: Optional[bool] = None, lora_inhibition: float = 0.0, bias: bool = True):
-        self.in_features, self.out_features = in_features, out_features
-        self.fan_in_fan_out = fan_in_fan_out
-        w = kaiming_uniform((out_features, in_features), in_features)
-        self.weight = w.transpose() if fan_in_fan_out else w
-        bound = 1.0 / math.sqrt(in_features)
-        self.bias = jt.array(np.random.uniform(-bound, bound, out_features).astype("float32")) if bias else None
+        self._init_dense(in_features, out_features, fan_in_fan_out, bias)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition)
         if r > 0:
             self.lora_A = kaiming_uniform((r, in_features), in_features)
@@ -151,10 +157,6 @@ class Linear(LoRALayer):
         """scaling · B·A, in the weight's own layout."""
         d = jt.matmul(self.lora_B, self.lora_A) * self.scaling  # [out, in]
         return d.transpose() if self.fan_in_fan_out else d
-
-    def base_forward(self, x):
-        y = jt.matmul(x, self.weight) if self.fan_in_fan_out else nn.matmul_transpose(x, self.weight)
-        return y + self.bias if self.bias is not None else y
 
     def execute(self, x):
         self._sync_mode()
@@ -210,13 +212,8 @@ class MergedLinear(LoRALayer):
         enable_lora = tuple(bool(e) for e in enable_lora)
         if out_features % len(enable_lora) != 0:
             raise ValueError(f"out_features={out_features} is not divisible into {len(enable_lora)} parts")
-        self.in_features, self.out_features = in_features, out_features
-        self.fan_in_fan_out = fan_in_fan_out
+        self._init_dense(in_features, out_features, fan_in_fan_out, bias)
         self.enable_lora = enable_lora
-        w = kaiming_uniform((out_features, in_features), in_features)
-        self.weight = w.transpose() if fan_in_fan_out else w
-        bound = 1.0 / math.sqrt(in_features)
-        self.bias = jt.array(np.random.uniform(-bound, bound, out_features).astype("float32")) if bias else None
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition)
         self._groups = sum(enable_lora)
         self._part = out_features // len(enable_lora)
@@ -246,10 +243,6 @@ class MergedLinear(LoRALayer):
         """scaling · (grouped B·A) zero-padded to the full output, in the weight's layout."""
         d = jt.matmul(self._block_b(), self.lora_A) * self.scaling  # [out, in]
         return d.transpose() if self.fan_in_fan_out else d
-
-    def base_forward(self, x):
-        y = jt.matmul(x, self.weight) if self.fan_in_fan_out else nn.matmul_transpose(x, self.weight)
-        return y + self.bias if self.bias is not None else y
 
     def execute(self, x):
         self._sync_mode()

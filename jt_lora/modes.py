@@ -9,7 +9,15 @@ layer below merge (eval) or unmerge (train) as loralib does.
 """
 from .backend import jt
 
-__all__ = ["AdapterModule"]
+__all__ = ["AdapterModule", "assign_keep_trainable"]
+
+
+def assign_keep_trainable(var, value):
+    """Overwrite a parameter's data in place; a frozen parameter stays frozen."""
+    frozen = var.is_stop_grad()
+    var.update(value.detach() if isinstance(value, jt.Var) else jt.array(value))
+    if frozen:
+        var.stop_grad()
 
 
 class AdapterModule(jt.Module):

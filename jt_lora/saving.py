@@ -15,7 +15,6 @@ from typing import Dict
 import numpy as np
 
 from .adapters import adapter_state_dict, is_adapter_param
-from .backend import jt
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "save_safetensors", "save_pretrained",
            "save_adapter", "load_adapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FIELDS"]
@@ -139,12 +138,9 @@ def load_adapter(model, adapter_dir):
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: missing {missing}; unexpected {unexpected}; shape mismatch {shapes}")
     model.train()
+    from .modes import assign_keep_trainable
     for k, arr in state.items():
-        p = params[k]
-        frozen = p.is_stop_grad()
-        p.update(jt.array(arr.astype(np.float32)))
-        if frozen:
-            p.stop_grad()
+        assign_keep_trainable(params[k], arr.astype(np.float32))
     return meta
 
 
