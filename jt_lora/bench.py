@@ -25,7 +25,15 @@ import numpy as np
 __all__ = ["main", "train_flops"]
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: reset at exec, unlike ru_maxrss, which a child
+    inherits from the parent that forked it)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
         print(table(args.table))
         return 0
     ours = bench_jittor(args)
-    ours["peak_rss_mb"] = _peak_rss_mb()
+    ours["peak_rss_mb"] = peak_rss_mb()
     result = {"model": args.model, "mode": args.mode, "adapter": args.adapter, "batch": args.batch,
               "tokens_per_s": ours["tokens_per_s"], "peak_rss_mb": ours["peak_rss_mb"], "jt_lora": ours}
     if args.mode == "train":

@@ -1,7 +1,6 @@
 """The HF transformers + PEFT side of ``jt_lora.bench`` (run in its own process: torch and Jittor
 must not share one). Usage: ``python -m jt_lora.bench_hf '<json of the bench arguments>'``."""
 import json
-import resource
 import sys
 import time
 
@@ -9,6 +8,7 @@ import numpy as np
 
 
 def main():
+    from jt_lora.bench import peak_rss_mb  # no Jittor: jt_lora.bench imports it lazily
     args = json.loads(sys.argv[1])
     import torch
     import transformers
@@ -58,7 +58,7 @@ def main():
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
     print(json.dumps({"tokens_per_s": tokens / med, "step_s": med, "times": times,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                      "peak_rss_mb": peak_rss_mb(),
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))
 
 

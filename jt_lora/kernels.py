@@ -24,10 +24,15 @@ const long long n = @TA ? in0_shape2 : in0_shape1;
 const long long m = @TA ? in0_shape1 : in0_shape2;
 const long long k = @TB ? in1_shape1 : in1_shape2;
 const long long sa = in0_shape1 * in0_shape2, sb = in1_shape1 * in1_shape2, sc = n * k;
-#pragma omp parallel for schedule(static)
-for (long long g = 0; g < G; g++)
-    dnnl_sgemm(@TA ? 'T' : 'N', @TB ? 'T' : 'N', n, k, m, 1.f,
-               in0_p + g * sa, @TA ? n : m, in1_p + g * sb, @TB ? m : k, 0.f, out0_p + g * sc, k);
+if (G == 1) {  // one product: let oneDNN use every thread itself
+    dnnl_sgemm(@TA ? 'T' : 'N', @TB ? 'T' : 'N', n, k, m, 1.f, in0_p, @TA ? n : m, in1_p, @TB ? m : k,
+               0.f, out0_p, k);
+} else {       // many small products: one thread each (oneDNN runs serially inside the region)
+    #pragma omp parallel for schedule(static)
+    for (long long g = 0; g < G; g++)
+        dnnl_sgemm(@TA ? 'T' : 'N', @TB ? 'T' : 'N', n, k, m, 1.f,
+                   in0_p + g * sa, @TA ? n : m, in1_p + g * sb, @TB ? m : k, 0.f, out0_p + g * sc, k);
+}
 """
 
 _FAST = None
