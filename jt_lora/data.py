@@ -43,6 +43,21 @@ def _ids(value, path, line: int, key: str, vocab_size: Optional[int]) -> np.ndar
     return ids.astype(np.int32)
 
 
+def iter_jsonl_objects(path) -> Iterator[Tuple[int, dict]]:
+    """(line number, object) for each non-blank line; ValueError naming file and line otherwise."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            yield line_no, record
+
+
 def read_encoded_jsonl(path, vocab_size: Optional[int] = None) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Read ``{"context": [ids], "completion": [ids]}`` lines (blank lines are ignored).
 
@@ -55,24 +70,15 @@ def read_encoded_jsonl(path, vocab_size: Optional[int] = None) -> List[Tuple[np.
             an empty completion, or a file without examples.
     """
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            for key in ("context", "completion"):
-                if key not in record:
-                    raise ValueError(f"{path}:{line_no}: missing key {key!r} (has {sorted(record)})")
-            context = _ids(record["context"], path, line_no, "context", vocab_size)
-            completion = _ids(record["completion"], path, line_no, "completion", vocab_size)
-            if completion.size == 0:
-                raise ValueError(f"{path}:{line_no}: empty 'completion' (nothing to learn)")
-            examples.append((context, completion))
+    for line_no, record in iter_jsonl_objects(path):
+        for key in ("context", "completion"):
+            if key not in record:
+                raise ValueError(f"{path}:{line_no}: missing key {key!r} (has {sorted(record)})")
+        context = _ids(record["context"], path, line_no, "context", vocab_size)
+        completion = _ids(record["completion"], path, line_no, "completion", vocab_size)
+        if completion.size == 0:
+            raise ValueError(f"{path}:{line_no}: empty 'completion' (nothing to learn)")
+        examples.append((context, completion))
     if not examples:
         raise ValueError(f"{path}: no examples (empty file?)")
     return examples

@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .data import iter_jsonl_objects
+
 __all__ = ["parse_answer", "read_gold", "read_predictions", "score", "loglik_scores", "format_confusion", "main"]
 
 LABELS = ("yes", "no")
@@ -78,39 +80,32 @@ def read_gold(path, tokenizer=None) -> Gold:
     """
     labels, contexts, encoded = [], [], None
     label_ids = None
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or "context" not in record or "completion" not in record:
-                raise ValueError(f"{path}:{line_no}: expected an object with 'context' and 'completion'")
-            completion = record["completion"]
-            if encoded is None:
-                encoded = isinstance(completion, list)
-                if encoded:
-                    if tokenizer is None:
-                        raise ValueError(f"{path}: an encoded file needs the GPT-2 vocab (--vocab)")
-                    label_ids = _label_ids(tokenizer)
+    for line_no, record in iter_jsonl_objects(path):
+        if "context" not in record or "completion" not in record:
+            raise ValueError(f"{path}:{line_no}: expected an object with 'context' and 'completion'")
+        completion = record["completion"]
+        if encoded is None:
+            encoded = isinstance(completion, list)
             if encoded:
-                ids = list(completion)
-                while ids and ids[-1] == EOS_ID:
-                    ids.pop()
-                label = next((w for w, want in label_ids.items() if ids == want), None)
-                context = record["context"]
-                if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
-                    raise ValueError(f"{path}:{line_no}: 'context' must be token ids like the first line's")
-                contexts.append(context)
-            else:
-                label = completion.strip().lower() if isinstance(completion, str) else None
-                label = label if label in LABELS else None
-            if label is None:
-                raise ValueError(f"{path}:{line_no}: completion {str(completion)[:40]} is not ' yes' / ' no' "
-                                 "(is this a prepared BoolQ file?)")
-            labels.append(label)
+                if tokenizer is None:
+                    raise ValueError(f"{path}: an encoded file needs the GPT-2 vocab (--vocab)")
+                label_ids = _label_ids(tokenizer)
+        if encoded:
+            ids = list(completion)
+            while ids and ids[-1] == EOS_ID:
+                ids.pop()
+            label = next((w for w, want in label_ids.items() if ids == want), None)
+            context = record["context"]
+            if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
+                raise ValueError(f"{path}:{line_no}: 'context' must be token ids like the first line's")
+            contexts.append(context)
+        else:
+            label = completion.strip().lower() if isinstance(completion, str) else None
+            label = label if label in LABELS else None
+        if label is None:
+            raise ValueError(f"{path}:{line_no}: completion {str(completion)[:40]} is not ' yes' / ' no' "
+                             "(is this a prepared BoolQ file?)")
+        labels.append(label)
     if not labels:
         raise ValueError(f"{path}: no examples (empty file?)")
     return Gold(labels, contexts if encoded else None)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch_ref import loralib_merged_delta  # tests/ is on sys.path: this file runs as a script
 
 torch.set_num_threads(1)
 
@@ -72,18 +73,6 @@ def weighted(job, base_dir, ids, facts):
     model.add_weighted_adapter(names, job["weights"], "combined", **kw)
     model.set_adapter("combined")
     return _logits(model.eval(), ids)
-
-
-def loralib_merged_delta(A, B, enable, scaling):
-    """loralib MergedLinear's update, [out, in], via its grouped conv1d."""
-    groups = sum(enable)
-    d = F.conv1d(A.unsqueeze(0), B.unsqueeze(-1), groups=groups).squeeze(0)  # [part*groups, in]
-    part = d.shape[0] // groups
-    out = torch.zeros(part * len(enable), A.shape[1], dtype=A.dtype)
-    mask = torch.zeros(len(enable), part, dtype=torch.bool)
-    mask[torch.tensor(enable)] = True
-    out[mask.view(-1)] = d
-    return out * scaling
 
 
 def ms_checkpoint(job, base_dir, ids, facts):
