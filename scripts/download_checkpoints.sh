@@ -15,42 +15,7 @@ CKPT_DIR="${CKPT_DIR:-$ROOT/pretrained_checkpoints}"
 CONNECT_TIMEOUT="${CONNECT_TIMEOUT:-10}"
 HF="https://huggingface.co/openai-community"
 
-TMP=""
-cleanup() {
-    if [ -n "$TMP" ]; then
-        rm -f "$TMP"
-        rmdir "$(dirname "$TMP")" 2>/dev/null || true  # an empty folder must not hide another copy
-    fi
-}
-trap cleanup EXIT
-
-fetch() {
-    local url="$1" dest="$2"
-    if [ -s "$dest" ]; then
-        echo "present: ${dest#"$ROOT"/}"
-        return 0
-    fi
-    mkdir -p "$(dirname "$dest")"
-    TMP="$dest.$$.tmp"
-    echo "downloading $url"
-    local ok=0
-    if command -v curl >/dev/null 2>&1; then
-        curl -fL --connect-timeout "$CONNECT_TIMEOUT" --retry 2 --retry-connrefused -o "$TMP" "$url" || ok=$?
-    elif command -v wget >/dev/null 2>&1; then
-        wget --connect-timeout="$CONNECT_TIMEOUT" --tries=3 -O "$TMP" "$url" || ok=$?
-    else
-        echo "error: neither curl nor wget is installed" >&2
-        exit 1
-    fi
-    if [ "$ok" -ne 0 ] || [ ! -s "$TMP" ]; then
-        echo "error: could not download $url (exit $ok)." >&2
-        echo "       No network? This script needs internet access; files already downloaded were kept." >&2
-        exit 1
-    fi
-    mv "$TMP" "$dest"
-    TMP=""
-    echo "saved: ${dest#"$ROOT"/}"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/fetch_lib.sh"
 
 sizes=("$@")
 [ ${#sizes[@]} -eq 0 ] && sizes=(small medium large)

@@ -22,52 +22,9 @@ BOOLQ="https://storage.googleapis.com/boolq"
 ENCODER_SHA=196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783
 VOCAB_SHA=1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5
 
-TMP=""
-cleanup() {
-    if [ -n "$TMP" ]; then
-        rm -f "$TMP"
-        rmdir "$(dirname "$TMP")" 2>/dev/null || true  # an empty folder must not hide another copy
-    fi
-}
-trap cleanup EXIT
-
-# fetch URL DEST [SHA256]: download unless DEST exists; verify the hash when given.
-fetch() {
-    local url="$1" dest="$2" sha="${3:-}"
-    if [ -s "$dest" ]; then
-        echo "present: ${dest#"$ROOT"/}"
-        return 0
-    fi
-    mkdir -p "$(dirname "$dest")"
-    TMP="$dest.$$.tmp"
-    echo "downloading $url"
-    local ok=0
-    if command -v curl >/dev/null 2>&1; then
-        curl -fsSL --connect-timeout "$CONNECT_TIMEOUT" --retry 2 --retry-connrefused -o "$TMP" "$url" || ok=$?
-    elif command -v wget >/dev/null 2>&1; then
-        wget -q --connect-timeout="$CONNECT_TIMEOUT" --tries=3 -O "$TMP" "$url" || ok=$?
-    else
-        echo "error: neither curl nor wget is installed" >&2
-        exit 1
-    fi
-    if [ "$ok" -ne 0 ] || [ ! -s "$TMP" ]; then
-        echo "error: could not download $url (exit $ok)." >&2
-        echo "       No network? This script needs internet access; files already downloaded were kept." >&2
-        echo "       Offline alternative: put the files under \$JT_LORA_DATA, data/ or ../shared/data (see README)." >&2
-        exit 1
-    fi
-    if [ -n "$sha" ]; then
-        local got
-        got="$( (sha256sum "$TMP" 2>/dev/null || shasum -a 256 "$TMP") | cut -d' ' -f1)"
-        if [ "$got" != "$sha" ]; then
-            echo "error: $url has SHA-256 $got, expected $sha" >&2
-            exit 1
-        fi
-    fi
-    mv "$TMP" "$dest"
-    TMP=""
-    echo "saved: ${dest#"$ROOT"/}"
-}
+FETCH_QUIET=1
+FETCH_HINT="Offline alternative: put the files under \$JT_LORA_DATA, data/ or ../shared/data (see README)."
+. "$(dirname "${BASH_SOURCE[0]}")/fetch_lib.sh"
 
 get_vocab() {
     fetch "$GPT2_VOCAB/encoder.json" "$DATA_DIR/gpt2-vocab/encoder.json" "$ENCODER_SHA"
