@@ -70,12 +70,8 @@ class PeftModel(AdapterModule):
 
     def get_nb_trainable_parameters(self) -> Tuple[int, int]:
         """(trainable, all) parameter counts, adapters and base included, as PEFT counts them."""
-        trainable = total = 0
-        for p in self.parameters():
-            n = int(p.numel())
-            total += n
-            trainable += 0 if p.is_stop_grad() else n
-        return trainable, total
+        from ..adapters import count_parameters
+        return count_parameters(self)
 
     def print_trainable_parameters(self):
         trainable, total = self.get_nb_trainable_parameters()
