@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .backend import jt
-from .kernels import batched_matmul
+from .kernels import batched_matmul, small_rows_matmul, use_small_rows
 
 __all__ = ["BeamSettings", "beam_search", "beam_search_batch", "read_predictions", "main"]
 
@@ -146,8 +146,14 @@ def _lm_head(model):
 
 
 def _last_logits(head, hidden) -> np.ndarray:
-    """LM head on the last position only: [rows, T, C] -> float32 numpy [rows, V] (writable)."""
-    logits = batched_matmul(hidden[:, -1].unsqueeze(0), head.unsqueeze(0), transpose_b=True)[0].numpy()
+    """LM head on the last position only: [rows, T, C] -> float32 numpy [rows, V] (writable).
+    A few rows (a decoding step) take ``small_rows_matmul``, which reads the head as oneDNN's left
+    operand: ~13 vs ~29 ms for 10 rows on GPT-2 S."""
+    last = hidden[:, -1]
+    if use_small_rows(last.shape[0], last, head):
+        logits = small_rows_matmul(last, head, transpose_w=True).numpy()
+    else:
+        logits = batched_matmul(last.unsqueeze(0), head.unsqueeze(0), transpose_b=True)[0].numpy()
     return logits if logits.flags.writeable else logits.copy()
 
 

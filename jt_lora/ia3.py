@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .backend import jt, nn
+from .kernels import dense
 from .lora import kaiming_uniform
 from .modes import AdapterModule, assign_keep_trainable
 
@@ -104,9 +105,7 @@ class IA3Linear(AdapterModule):
         self._sync_mode()
         if self.feedforward and not self.merged:
             x = x * self.scale_vector()
-        y = jt.matmul(x, self.weight) if self.fan_in_fan_out else nn.matmul_transpose(x, self.weight)
-        if self.bias is not None:
-            y = y + self.bias
+        y = dense(x, self.weight, self.bias, self.fan_in_fan_out)
         if not self.feedforward and not self.merged:
             y = y * self.scale_vector()
         return y

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .backend import jt, nn
+from .kernels import dense
 from .modes import AdapterModule, assign_keep_trainable
 
 __all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "InhibitionGate", "kaiming_uniform"]
@@ -126,8 +127,7 @@ class LoRALayer(AdapterModule):
 
     def base_forward(self, x):
         """The frozen projection alone: x·W (+ b)."""
-        y = jt.matmul(x, self.weight) if self.fan_in_fan_out else nn.matmul_transpose(x, self.weight)
-        return y + self.bias if self.bias is not None else y
+        return dense(x, self.weight, self.bias, self.fan_in_fan_out)
 
 
 class Linear(LoRALayer):

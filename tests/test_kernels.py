@@ -28,3 +28,57 @@ def test_batched_matmul_matches_reference_values_and_grads(shape, transpose_b):
 def test_fast_path_is_used_on_cpu_with_onednn():
     from jt_lora import backend
     assert fast_path_available() == (backend.onednn_available() and not backend.use_cuda())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 10, 12, 13, 40, 64])
+@pytest.mark.parametrize("k,n", [(768, 2304), (37, 70), (3072, 96), (5, 3)])
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_small_rows_matmul_matches_float64_product(rows, k, n, transpose_w, with_bias):
+    """Every path (register strips with column tails, oneDNN fallback, left-operand sgemm +
+    transpose) gives the product, bias included, for row counts inside and past the strip limit."""
+    from jt_lora.kernels import small_rows_matmul
+    rng = np.random.default_rng(rows * 1000 + k)
+    x = rng.normal(size=(rows, k)).astype("float32")
+    w = rng.normal(size=(n, k) if transpose_w else (k, n)).astype("float32")
+    b = rng.normal(size=n).astype("float32")
+    ref = x.astype(np.float64) @ (w.T if transpose_w else w).astype(np.float64) + (b if with_bias else 0.0)
+    with jt.no_grad():
+        got = small_rows_matmul(jt.array(x), jt.array(w), transpose_w,
+                                jt.array(b) if with_bias else None).numpy()
+    assert got.shape == (rows, n)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_small_rows_matmul_keeps_leading_dims_and_rejects_bad_shapes():
+    from jt_lora.kernels import SMALL_ROWS_MAX, small_rows_matmul
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 3, 8)).astype("float32")
+    w = rng.normal(size=(8, 64)).astype("float32")
+    with jt.no_grad():
+        got = small_rows_matmul(jt.array(x), jt.array(w)).numpy()
+        np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="at most"):
+            small_rows_matmul(jt.zeros((SMALL_ROWS_MAX + 1, 8)), jt.array(w))
+        with pytest.raises(ValueError, match="do not match"):
+            small_rows_matmul(jt.array(x), jt.array(w), transpose_w=True)
+
+
+def test_dense_takes_the_inference_kernel_only_without_gradients():
+    """Under no_grad a few rows take the kernel; with a trainable input the ordinary product runs,
+    and its gradient is right."""
+    from jt_lora.kernels import dense, use_small_rows
+    rng = np.random.default_rng(2)
+    x = jt.array(rng.normal(size=(4, 16)).astype("float32"))
+    w = jt.array(rng.normal(size=(16, 32)).astype("float32"))
+    b = jt.array(rng.normal(size=32).astype("float32"))
+    assert not use_small_rows(4, x, w, b)          # all three require grad
+    with jt.no_grad():
+        assert use_small_rows(4, x, w, b) == fast_path_available()
+        assert not use_small_rows(65, x, w, b)
+        np.testing.assert_allclose(dense(x, w, b).numpy(), x.numpy() @ w.numpy() + b.numpy(), rtol=1e-5, atol=1e-5)
+    y = dense(x, w, b)
+    gx, gw = jt.grad((y * y).sum(), [x, w])
+    ref = 2 * (x.numpy() @ w.numpy() + b.numpy())
+    np.testing.assert_allclose(gx.numpy(), ref @ w.numpy().T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gw.numpy(), x.numpy().T @ ref, rtol=1e-4, atol=1e-4)
