@@ -47,7 +47,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .backend import jt
-from .kernels import batched_matmul, small_rows_matmul, use_small_rows
+from .decode_cache import DecodeCache
+from .kernels import batched_matmul, fast_path_available, small_rows_matmul, use_small_rows
 
 __all__ = ["BeamSettings", "beam_search", "beam_search_batch", "read_predictions", "main"]
 
@@ -91,9 +92,11 @@ class BeamSettings:
 # Model stepping: the same interface with the KV cache and with full recomputation (for tests).
 
 class _CachedStepper:
-    """Runs the prompt once, then one token per hypothesis per step against a gathered KV cache."""
+    """Runs the prompt once, then one token per hypothesis per step against a gathered KV cache
+    (``[rows, H, T, D]`` per layer, reordered by beam index and grown every step)."""
 
-    def __init__(self, model, head, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, padded: bool):
+    def __init__(self, model, head, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, padded: bool,
+                 rows: int = 0, steps: int = 0):
         self.model, self.head, self.padded = model, head, padded
         self.mask = mask               # [rows, T_total] 1 = real key, 0 = left padding
         self.next_pos = pos[:, -1] + 1  # [rows] position of the next token
@@ -118,10 +121,36 @@ class _CachedStepper:
         return _last_logits(self.head, hidden)
 
 
+class _DecodeCacheStepper:
+    """Runs the prompt once, then one token per hypothesis per step against a ``DecodeCache``:
+    nothing is reordered or copied (CPU; the same results as ``_CachedStepper``)."""
+
+    def __init__(self, model, head, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, padded: bool,
+                 rows: int = 0, steps: int = 0):
+        self.model, self.head = model, head
+        self.next_pos = pos[:, -1] + 1  # [rows] position of the next token
+        hidden, presents, _ = model.transformer(
+            jt.array(ids), position_ids=jt.array(pos) if padded else None,
+            attention_mask=jt.array(mask) if padded else None)
+        self.first_logits = _last_logits(head, hidden)
+        self.cache = DecodeCache(presents, mask if padded else None, rows, steps)
+
+    def step(self, src: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Rows continue rows ``src`` of the previous step and feed ``tokens`` [rows]."""
+        self.cache.advance(src)
+        self.next_pos = self.next_pos[src]
+        rows = len(src)
+        hidden, _, _ = self.model.transformer(
+            jt.array(tokens.astype(np.int32).reshape(rows, 1)), past=self.cache,
+            position_ids=jt.array(self.next_pos.astype(np.int32).reshape(rows, 1)))
+        self.next_pos = self.next_pos + 1
+        return _last_logits(self.head, hidden)
+
+
 class _RecomputeStepper:
     """Reruns the whole sequence every step: the slow reference the cache must agree with."""
 
-    def __init__(self, model, head, ids, mask, pos, padded):
+    def __init__(self, model, head, ids, mask, pos, padded, rows=0, steps=0):
         self.model, self.head, self.ids, self.mask, self.pos = model, head, ids, mask, pos
         self.first_logits = self._run()
 
@@ -136,6 +165,16 @@ class _RecomputeStepper:
         self.mask = np.concatenate([self.mask[src], np.ones((rows, 1), np.float32)], axis=1)
         self.pos = np.concatenate([self.pos[src], self.pos[src][:, -1:] + 1], axis=1)
         return self._run()
+
+
+def _stepper_class(use_cache):
+    """``use_cache``: True picks the fastest cache for the backend, "gather" the plain KV cache,
+    False recomputation (the last two for tests)."""
+    if not use_cache:
+        return _RecomputeStepper
+    if use_cache == "gather" or not fast_path_available():
+        return _CachedStepper
+    return _DecodeCacheStepper
 
 
 def _lm_head(model):
@@ -236,7 +275,8 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], settings: BeamSet
         model: a ``GPT2LMModel``.
         prompts: token-id lists, any lengths >= 1.
         settings: the search settings.
-        use_cache: False reruns the whole sequence every step (for testing the cache).
+        use_cache: False reruns the whole sequence every step, "gather" uses the plain gathered KV
+            cache (both for testing the default cache).
         early_stop: stop a prompt once its result cannot change (exact; False runs every step).
 
     Returns:
@@ -283,8 +323,8 @@ def beam_search_batch(model, prompts: Sequence[Sequence[int]], settings: BeamSet
                 best_seq[p] = history[a * k + j].tolist()
 
     with jt.no_grad():
-        stepper = (_CachedStepper if use_cache else _RecomputeStepper)(model, _lm_head(model), ids, mask, pos,
-                                                                       padded)
+        stepper = _stepper_class(use_cache)(model, _lm_head(model), ids, mask, pos, padded,
+                                            rows=n * k, steps=s.max_new_tokens)
         logits = stepper.first_logits                 # [rows, V]; one row per prompt at step 0
         active = np.arange(n)                         # prompts still searched
         scores = np.zeros((n, 1), np.float32)         # [A, rows per prompt]

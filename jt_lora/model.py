@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .backend import jt, nn
+from .decode_cache import DecodeCache
 from .ia3 import IA3Linear
 from .kernels import batched_matmul
 from .lora import Linear, MergedLinear
@@ -139,6 +140,9 @@ class Attention(AdapterModule):
     def execute(self, x, layer_past=None, bias_mask=None, head_mask=None, want_probs=False):
         n = self.n_embd
         qkv = self.c_attn(x)  # [B, T, 3C]
+        if callable(layer_past):  # a DecodeCache layer: stores k, v and attends in one op
+            a = _dropout(self, self.c_proj(layer_past(qkv)), self.resid_pdrop)
+            return a, layer_past, None
         q, k, v = (self._split(qkv[:, :, i * n:(i + 1) * n]) for i in range(3))
         if layer_past is not None:
             k = jt.concat([layer_past[0], k], dim=2)
@@ -205,30 +209,35 @@ class GPT2Model(AdapterModule):
         """input_ids [B, T] -> hidden [B, T, C], presents, attentions.
 
         Args:
-            past: per layer ``(k, v)``, each ``[B, H, T_past, D]`` (from a previous call).
+            past: per layer ``(k, v)``, each ``[B, H, T_past, D]`` (from a previous call), or a
+                ``DecodeCache`` (beam search on the CPU: one token per row, ``position_ids`` given).
             position_ids: [B, T]; default ``T_past .. T_past+T-1``.
             attention_mask: [B, T_past+T], 1 for real tokens, 0 for padding keys.
             head_mask: [n_layer, n_head] multipliers on attention probabilities.
             ffn_mask: [n_layer] multipliers on each feed-forward block's output.
         """
         b, t = input_ids.shape
-        t_past = 0 if past is None else past[0][0].shape[2]
+        decoding = isinstance(past, DecodeCache)
+        if decoding and (t != 1 or head_mask is not None or output_attentions):
+            raise ValueError("a DecodeCache takes one token per row, without head masks or attentions")
+        t_past = past.length if decoding else (0 if past is None else past[0][0].shape[2])
         if position_ids is None:
             position_ids = jt.arange(t_past, t_past + t).int32().reshape(1, t).broadcast((b, t))
         x = self.wte(input_ids) + self.wpe(position_ids)
         x = _dropout(self, x, self.config.embd_pdrop)
-        bias_mask = causal_mask(t, t_past, attention_mask)
+        bias_mask = None if decoding else causal_mask(t, t_past, attention_mask)
         presents, attentions = [], []
         for i, block in enumerate(self.h):
+            layer_past = None if past is None else (past.layer(i) if decoding else past[i])
             x, present, probs = block(
-                x, None if past is None else past[i], bias_mask,
+                x, layer_past, bias_mask,
                 None if head_mask is None else head_mask[i],
                 None if ffn_mask is None else ffn_mask[i],
                 output_attentions)
             presents.append(present)
             if output_attentions:
                 attentions.append(probs)
-        return self.ln_f(x), presents, attentions
+        return self.ln_f(x), (past if decoding else presents), attentions
 
 
 def causal_mask(t: int, t_past: int, attention_mask=None):

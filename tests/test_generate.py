@@ -147,9 +147,11 @@ def test_kv_cache_equals_full_recomputation_and_early_stop_is_exact(model):
     kw = dict(beam=5, max_new_tokens=12, length_penalty=0.8, repetition_penalty=1.2, eos_token_ids=(72, 14))
     cached, s_cached = beam_search(model, PROMPTS, batch_size=4, return_scores=True, **kw)
     full, s_full = beam_search(model, PROMPTS, batch_size=4, use_cache=False, return_scores=True, **kw)
+    gather, s_gather = beam_search(model, PROMPTS, batch_size=4, use_cache="gather", return_scores=True, **kw)
     every_step, s_every = beam_search(model, PROMPTS, batch_size=4, early_stop=False, return_scores=True, **kw)
-    assert cached == full == every_step
+    assert cached == full == gather == every_step
     np.testing.assert_allclose(s_cached, s_full, atol=1e-5)
+    np.testing.assert_allclose(s_cached, s_gather, atol=1e-5)
     np.testing.assert_allclose(s_cached, s_every, atol=1e-5)  # rows leaving the batch: rounding only
 
 
@@ -320,3 +322,43 @@ def test_decoded_text_cut_like_gpt2_decode():
     ids = tok.encode("The Eagle is a pub.") + [628] + tok.encode("junk") + [0, 0]
     assert _text(tok, ids, (628, 50256)) == "The Eagle is a pub."
     assert _text(tok, tok.encode(" two\nlines ") + [50256], (628, 50256)) == "two lines"
+
+
+def test_decode_cache_steps_equal_the_gathered_cache():
+    """Step by step, with left padding, reordering, duplicated and dropped rows: the host-side
+    cache (ancestry instead of copies, fused attention) gives the hidden states of the plain
+    gathered KV cache."""
+    from jt_lora.decode_cache import DecodeCache
+    model = _tiny_model(seed=5)
+    rng = np.random.default_rng(0)
+    prompts = [[3, 8, 1, 4], [9, 2]]
+    ids = np.array([[3, 8, 1, 4], [0, 0, 9, 2]], np.int32)
+    mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], np.float32)
+    pos = np.array([[0, 1, 2, 3], [0, 0, 0, 1]], np.int32)
+    with jt.no_grad():
+        _, past, _ = model.transformer(jt.array(ids), position_ids=jt.array(pos), attention_mask=jt.array(mask))
+        cache = DecodeCache(past, mask, rows=6, steps=5)
+        next_pos, full_mask = pos[:, -1] + 1, mask
+        srcs = [np.array([0, 0, 0, 1, 1, 1]), np.array([2, 0, 1, 5, 5, 3]), np.array([1, 1, 0, 4]),
+                np.array([3, 0, 0, 2])]
+        for step, src in enumerate(srcs):
+            tokens = rng.integers(0, TINY["vocab_size"], len(src)).astype(np.int32).reshape(-1, 1)
+            idx = jt.array(src.astype(np.int32))
+            past = [(k[idx], v[idx]) for k, v in past]
+            next_pos, full_mask = next_pos[src], full_mask[src]
+            full_mask = np.concatenate([full_mask, np.ones((len(src), 1), np.float32)], axis=1)
+            want, past, _ = model.transformer(jt.array(tokens), past=past, position_ids=jt.array(next_pos.reshape(-1, 1)),
+                                              attention_mask=jt.array(full_mask))
+            cache.advance(src)
+            got, same, _ = model.transformer(jt.array(tokens), past=cache,
+                                             position_ids=jt.array(next_pos.reshape(-1, 1)))
+            assert same is cache and cache.length == 4 + step
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+            next_pos = next_pos + 1
+        with pytest.raises(ValueError, match="holds 5 steps"):
+            cache.advance(np.arange(4))
+            cache.advance(np.arange(4))
+        with pytest.raises(ValueError, match="exceed"):
+            DecodeCache(model.transformer(jt.array(ids))[1], None, rows=2, steps=3).advance(np.zeros(3))
+        with pytest.raises(ValueError, match="one token per row"):
+            model.transformer(jt.array(np.zeros((4, 2), np.int32)), past=cache)

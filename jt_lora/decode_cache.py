@@ -1,0 +1,158 @@
+"""The KV cache of a beam search, kept where no step has to copy it.
+
+A beam step reorders the hypotheses, so a plain cache ``[rows, heads, T, D]`` is gathered by
+beam index and grown by one position every step: two copies of the whole cache per layer per step
+(~9% of a GPT-2 S step at 10 beams). Here nothing is copied:
+
+* the prompt's keys and values stay as the prompt pass produced them, one copy per prompt rather
+  than one per beam;
+* the keys and values of generated tokens go to a preallocated host buffer, slot ``s`` holding
+  what row ``j`` fed at step ``s``; each row keeps its ancestry (the row it descended from at every
+  earlier step), a few integers per step;
+* one fused op per layer writes this step's keys and values and attends over the prompt and the
+  row's ancestry: ``softmax(q·k / sqrt(D))·v`` with padded prompt keys scored ``-1e10``, as the
+  reference's masked attention does.
+
+The buffer is numpy memory owned by the cache; the op receives its address as run-time data, so
+Jittor compiles the op once. CPU only: on CUDA the model's own cache path runs.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .backend import jt
+
+__all__ = ["DecodeCache"]
+
+_HEADER = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+"""
+
+# in0 qkv [R, 3C]; in1/in2 prompt keys/values [P, H, Tp, D]; in3 prompt key mask [P, Tp] (1 real,
+# 0 padding); in4 each row's prompt [R] int32; in5 ancestry [R, >= t] int32 (row at each earlier
+# step) -> out0 [R, C]. data: t (this step's slot), cap (rows per slot), k/v buffer addresses.
+_SRC = r"""
+const long long R = in0_shape0, C3 = in0_shape1, C = C3 / 3;
+const long long H = in1_shape1, Tp = in1_shape2, D = in1_shape3, ld_path = in5_shape1;
+const long long t = (long long)data["t"], cap = (long long)data["cap"];
+float* Kb = (float*)(uintptr_t)data["k_addr"];
+float* Vb = (float*)(uintptr_t)data["v_addr"];
+const float sqrt_d = (float)data["sqrt_d"];
+const float* qkv = in0_p;
+for (long long r = 0; r < R; r++) {
+    std::memcpy(Kb + (t * cap + r) * C, qkv + r * C3 + C, C * sizeof(float));
+    std::memcpy(Vb + (t * cap + r) * C, qkv + r * C3 + 2 * C, C * sizeof(float));
+}
+#pragma omp parallel
+{
+    std::vector<float> w(Tp + t + 1);
+    std::vector<const float*> vrow(Tp + t + 1);
+    #pragma omp for collapse(2) schedule(static)
+    for (long long r = 0; r < R; r++)
+        for (long long h = 0; h < H; h++) {
+            const float* q = qkv + r * C3 + h * D;
+            const long long p = in4_p[r];
+            const float* pk = in1_p + (p * H + h) * Tp * D;
+            const float* pv = in2_p + (p * H + h) * Tp * D;
+            const float* pm = in3_p + p * Tp;
+            long long n = 0;
+            for (long long j = 0; j < Tp; j++, n++) {
+                float s = 0.f;
+                for (long long d = 0; d < D; d++) s += q[d] * pk[j * D + d];
+                w[n] = pm[j] > 0.f ? s / sqrt_d : -1e10f;
+                vrow[n] = pv + j * D;
+            }
+            for (long long s = 0; s <= t; s++, n++) {
+                const long long row = s < t ? in5_p[r * ld_path + s] : r;
+                const float* k = Kb + (s * cap + row) * C + h * D;
+                float a = 0.f;
+                for (long long d = 0; d < D; d++) a += q[d] * k[d];
+                w[n] = a / sqrt_d;
+                vrow[n] = Vb + (s * cap + row) * C + h * D;
+            }
+            float mx = w[0];
+            for (long long j = 1; j < n; j++) mx = w[j] > mx ? w[j] : mx;
+            float sum = 0.f;
+            for (long long j = 0; j < n; j++) { w[j] = std::exp(w[j] - mx); sum += w[j]; }
+            float* o = out0_p + r * C + h * D;
+            for (long long d = 0; d < D; d++) o[d] = 0.f;
+            for (long long j = 0; j < n; j++) {
+                const float pj = w[j] / sum;
+                const float* v = vrow[j];
+                for (long long d = 0; d < D; d++) o[d] += pj * v[d];
+            }
+        }
+}
+"""
+
+
+class DecodeCache:
+    """Keys and values of a beam search after its prompt pass; pass it as ``past`` to the model.
+
+    Args:
+        presents: the prompt pass's per-layer ``(k, v)``, each ``[prompts, H, T_prompt, D]``.
+        prompt_mask: ``[prompts, T_prompt]``, 1 for real tokens, 0 for left padding (None: all real).
+        rows: most hypotheses a step feeds (prompts x beam).
+        steps: most steps (tokens fed per hypothesis).
+    """
+
+    def __init__(self, presents: Sequence[Tuple], prompt_mask: Optional[np.ndarray], rows: int, steps: int):
+        k0 = presents[0][0]
+        p, h, tp, d = k0.shape
+        self.heads, self.head_dim, self.rows_cap, self.steps = h, d, int(rows), int(steps)
+        self.prompt_k = [k for k, _ in presents]
+        self.prompt_v = [v for _, v in presents]
+        jt.sync(self.prompt_k + self.prompt_v)
+        mask = np.ones((p, tp), np.float32) if prompt_mask is None else np.asarray(prompt_mask, np.float32)
+        self.prompt_mask = jt.array(mask)
+        # untouched pages cost no memory: the buffer fills as the search goes
+        self.buffer = np.empty((len(presents), 2, self.steps, self.rows_cap, h * d), np.float32)
+        self.t = -1                # slot of the step being fed
+        self.prompt_of_row: Optional[np.ndarray] = None
+        self.ancestry: Optional[np.ndarray] = None  # [rows, t]: row at each earlier step
+
+    @property
+    def length(self) -> int:
+        """Positions a row attends to before this step's token (prompt width + tokens fed)."""
+        return self.prompt_mask.shape[1] + max(self.t, 0)
+
+    def advance(self, src: np.ndarray) -> None:
+        """Start a step whose row ``r`` continues row ``src[r]`` of the previous step (at the first
+        step: of the prompt pass, i.e. ``src`` are prompt indices)."""
+        src = np.asarray(src, np.int32)
+        if len(src) > self.rows_cap:
+            raise ValueError(f"{len(src)} rows exceed the cache's {self.rows_cap}")
+        if self.t + 1 >= self.steps:
+            raise ValueError(f"the cache holds {self.steps} steps")
+        if self.t < 0:
+            self.prompt_of_row, self.ancestry = src, np.zeros((len(src), 0), np.int32)
+        else:
+            self.prompt_of_row = self.prompt_of_row[src]
+            self.ancestry = np.concatenate([self.ancestry[src], src[:, None]], axis=1)
+        self.t += 1
+        self._rows_var = jt.array(self.prompt_of_row)
+        anc = self.ancestry if self.t > 0 else np.zeros((len(src), 1), np.int32)
+        self._ancestry_var = jt.array(np.ascontiguousarray(anc))
+
+    def layer(self, i: int):
+        """The callable the model's attention layer ``i`` uses: qkv ``[R, 1, 3C]`` -> ``[R, 1, C]``."""
+        return lambda qkv: self.attend(i, qkv)
+
+    def attend(self, layer: int, qkv):
+        """Store this step's keys and values for ``layer`` and attend: qkv ``[R, 1, 3C]`` -> ``[R, 1, C]``."""
+        r, _, c3 = qkv.shape
+        if r != len(self.prompt_of_row):
+            raise ValueError(f"{r} rows fed, but the step was started for {len(self.prompt_of_row)}")
+        buf = self.buffer[layer]
+        data = {"t": float(self.t), "cap": float(self.rows_cap), "sqrt_d": float(np.sqrt(self.head_dim)),
+                "k_addr": float(buf[0].ctypes.data), "v_addr": float(buf[1].ctypes.data)}
+        out = jt.code((r, c3 // 3), "float32",
+                      [qkv.reshape(r, c3), self.prompt_k[layer], self.prompt_v[layer], self.prompt_mask,
+                       self._rows_var, self._ancestry_var],
+                      cpu_header=_HEADER, cpu_src=_SRC, data=data)
+        return out.reshape(r, 1, c3 // 3)
