@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .backend import jt, nn
-from .kernels import dense
+from .kernels import dense, scale_last_dim
 from .lora import kaiming_uniform
 from .modes import AdapterModule, assign_keep_trainable
 
@@ -104,8 +104,8 @@ class IA3Linear(AdapterModule):
     def execute(self, x):
         self._sync_mode()
         if self.feedforward and not self.merged:
-            x = x * self.scale_vector()
+            x = scale_last_dim(x, self.scale_vector())
         y = dense(x, self.weight, self.bias, self.fan_in_fan_out)
         if not self.feedforward and not self.merged:
-            y = y * self.scale_vector()
+            y = scale_last_dim(y, self.scale_vector())
         return y

@@ -281,3 +281,55 @@ def dense(x, weight, bias=None, fan_in_fan_out: bool = True):
         return small_rows_matmul(x, weight, transpose_w=not fan_in_fan_out, bias=bias)
     y = jt.matmul(x, weight) if fan_in_fan_out else nn.matmul_transpose(x, weight)
     return y + bias if bias is not None else y
+
+
+# ----------------------------------------------------------------------------------------------
+# (IA)³'s per-feature scaling as its own op.
+
+_SCALE_SRC = r"""
+const long long C = in1_shape0, R = in0->num / C;
+#pragma omp parallel for schedule(static)
+for (long long r = 0; r < R; r++)
+    for (long long c = 0; c < C; c++) out0_p[r * C + c] = in0_p[r * C + c] * in1_p[c];
+"""
+# in0 x [R*C], in1 gy [R*C] -> out0 [C]: column sums of x*gy, per-thread partials then added
+_COLSUM_SRC = r"""
+const long long C = out0_shape0, R = in0->num / C;
+for (long long c = 0; c < C; c++) out0_p[c] = 0.f;
+#pragma omp parallel
+{
+    float* part = new float[C]();
+    #pragma omp for schedule(static)
+    for (long long r = 0; r < R; r++)
+        for (long long c = 0; c < C; c++) part[c] += in0_p[r * C + c] * in1_p[r * C + c];
+    #pragma omp critical
+    for (long long c = 0; c < C; c++) out0_p[c] += part[c];
+    delete[] part;
+}
+"""
+
+
+def _scale(x, s):
+    return jt.code(x.shape, "float32", [x, s], cpu_src=_SCALE_SRC)
+
+
+class _ScaleLastDim(jt.Function):
+    def execute(self, x, s):
+        self.x, self.s = x, s
+        return _scale(x, s)
+
+    def grad(self, gy):
+        gs = jt.code(self.s.shape, "float32", [self.x, gy], cpu_src=_COLSUM_SRC)
+        return _scale(gy, self.s), gs
+
+
+def scale_last_dim(x, s):
+    """``x * s`` for ``x [..., C]`` and ``s [C]``, with gradients for both.
+
+    Jittor fuses the product into the neighbouring element-wise kernel; fused with GELU's tanh,
+    under (IA)³'s feed-forward scaling, that kernel ran ~20x slower than GELU alone (33 vs 1.6 ms
+    per GPT-2 S layer on a batch of 8 x 128). As an op of its own (OpenMP over rows) it is not fused.
+    """
+    if not fast_path_available() or x.dtype != "float32" or s.dtype != "float32":
+        return x * s
+    return _ScaleLastDim.apply(x, s)

@@ -82,3 +82,17 @@ def test_dense_takes_the_inference_kernel_only_without_gradients():
     ref = 2 * (x.numpy() @ w.numpy() + b.numpy())
     np.testing.assert_allclose(gx.numpy(), ref @ w.numpy().T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gw.numpy(), x.numpy().T @ ref, rtol=1e-4, atol=1e-4)
+
+
+def test_scale_last_dim_values_and_gradients():
+    """(IA)³'s scaling op: x*s, and gradients gy*s and the column sums of x*gy."""
+    from jt_lora.kernels import scale_last_dim
+    rng = np.random.default_rng(3)
+    x = jt.array(rng.normal(size=(3, 5, 7)).astype("float32"))
+    s = jt.array(rng.normal(size=7).astype("float32"))
+    g = rng.normal(size=(3, 5, 7)).astype("float32")
+    y = scale_last_dim(x, s)
+    np.testing.assert_allclose(y.numpy(), x.numpy() * s.numpy(), rtol=1e-6)
+    gx, gs = jt.grad((y * jt.array(g)).sum(), [x, s])
+    np.testing.assert_allclose(gx.numpy(), g * s.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gs.numpy(), (x.numpy() * g).reshape(-1, 7).sum(0), rtol=1e-4, atol=1e-5)
