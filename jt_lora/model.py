@@ -15,7 +15,7 @@ import numpy as np
 from .backend import jt, nn
 from .decode_cache import DecodeCache
 from .ia3 import IA3Linear
-from .kernels import batched_matmul
+from .kernels import attention_softmax, batched_matmul
 from .lora import Linear, MergedLinear
 from .modes import AdapterModule
 
@@ -148,10 +148,8 @@ class Attention(AdapterModule):
             k = jt.concat([layer_past[0], k], dim=2)
             v = jt.concat([layer_past[1], v], dim=2)
         present = (k, v)
-        w = batched_matmul(q, k, transpose_b=True) / math.sqrt(v.shape[-1])  # [B, H, Tq, Tk]
-        keep, add = bias_mask
-        w = w * keep + add  # the reference's w*b - 1e10*(1-b)
-        probs = nn.softmax(w, dim=-1)
+        keep, add = bias_mask  # the reference's w*b - 1e10*(1-b), then softmax
+        probs = attention_softmax(batched_matmul(q, k, transpose_b=True), keep, add, math.sqrt(v.shape[-1]))
         probs = _dropout(self, probs, self.attn_pdrop)
         if head_mask is not None:
             probs = probs * head_mask.reshape(1, -1, 1, 1)

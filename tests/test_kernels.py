@@ -96,3 +96,29 @@ def test_scale_last_dim_values_and_gradients():
     gx, gs = jt.grad((y * jt.array(g)).sum(), [x, s])
     np.testing.assert_allclose(gx.numpy(), g * s.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gs.numpy(), (x.numpy() * g).reshape(-1, 7).sum(0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_batch,keep_heads", [(1, 1), (2, 1), (2, 3)])
+def test_attention_softmax_matches_the_reference_formula(keep_batch, keep_heads):
+    """Values and score gradients of the fused masked softmax equal softmax(w/√d·keep + add) done
+    with ordinary ops, for keep masks broadcast over batch and/or heads (with fully padded keys)."""
+    from jt_lora.kernels import attention_softmax
+    from jt_lora.model import causal_mask
+    rng = np.random.default_rng(keep_batch * 10 + keep_heads)
+    b, h, tq, tk = 2, 3, 4, 6
+    scores = jt.array(rng.normal(0, 3, size=(b, h, tq, tk)).astype("float32"))
+    keep_np = (rng.random((keep_batch, keep_heads, tq, tk)) < 0.7).astype("float32")
+    keep_np[..., -1] = 1.0                       # every row sees at least one key
+    keep = jt.array(keep_np)
+    add = (keep - 1.0) * 1e10
+    g = jt.array(rng.normal(size=(b, h, tq, tk)).astype("float32"))
+    got = attention_softmax(scores, keep, add, 8.0)
+    want = jt.nn.softmax(scores / 8.0 * keep + add, dim=-1)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-7)
+    (g_got,) = jt.grad((got * g).sum(), [scores])
+    (g_want,) = jt.grad((want * g).sum(), [scores])
+    np.testing.assert_allclose(g_got.numpy(), g_want.numpy(), rtol=1e-4, atol=1e-6)
+    keep_c, add_c = causal_mask(3, 2, jt.array(np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], np.float32)))
+    s2 = jt.array(rng.normal(size=(2, 3, 3, 5)).astype("float32"))
+    np.testing.assert_allclose(attention_softmax(s2, keep_c, add_c, 8.0).numpy(),
+                               jt.nn.softmax(s2 / 8.0 * keep_c + add_c, dim=-1).numpy(), rtol=1e-5, atol=1e-7)
