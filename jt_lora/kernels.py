@@ -97,6 +97,7 @@ SMALL_ROWS_MAX = 64   # above this many rows oneDNN's packed sgemm is as fast
 _SMALL_HEADER = r"""
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <omp.h>
 extern "C" int dnnl_sgemm(char transa, char transb, long long M, long long N, long long K,
     float alpha, const float *A, long long lda, const float *B, long long ldb,
@@ -114,11 +115,12 @@ static inline jtl_vec jtl_load(const float* p) { jtl_vec v; __builtin_memcpy(&v,
 static inline void jtl_store(float* p, jtl_vec v) { __builtin_memcpy(p, &v, sizeof v); }
 """
 
-# Rows are a compile-time constant (@M, at most _strip_rows_max()): the accumulators then stay in
+# The row count is compiled in (@M, a bucket of at most _strip_rows_max() rows; the actual count
+# M <= @M is read at run time and missing rows count as zeros): the accumulators then stay in
 # registers (a run-time row count behind a switch ran ~30% slower). in0 x [M, K], in1 w [K, N],
 # in2 bias [N] when @BIAS -> out0 [M, N].
 _STRIP_SRC = r"""
-const long long K = in0_shape1, N = in1_shape1;
+const long long M = in0_shape0, K = in0_shape1, N = in1_shape1;
 const float* X = in0_p; const float* W = in1_p; float* Y = out0_p;
 const float* B = @BIAS ? (const float*)@BIAS_P : nullptr;
 // column strips of two vectors, k in blocks of JTL_KB rows: JTL_KB interleaved sequential streams
@@ -131,14 +133,13 @@ const long long S = 2 * JTL_VEC, nstrips = N / S;
     for (long long k0 = 0; k0 < K; k0 += JTL_KB) {
         const int kn = (int)std::min<long long>(JTL_KB, K - k0);
         for (int k = 0; k < kn; k++)
-            for (int r = 0; r < @M; r++) xk[k][r] = X[r * K + k0 + k];
+            for (int r = 0; r < @M; r++) xk[k][r] = r < M ? X[r * K + k0 + k] : 0.f;
         for (long long s = s0; s < s1; s++) {
             const long long j0 = s * S;
             jtl_vec a0[@M], a1[@M];
-            if (k0 == 0) {
-                for (int r = 0; r < @M; r++) { a0[r] = (jtl_vec){}; a1[r] = (jtl_vec){}; }
-            } else {
-                for (int r = 0; r < @M; r++) { a0[r] = jtl_load(Y + r * N + j0); a1[r] = jtl_load(Y + r * N + j0 + JTL_VEC); }
+            for (int r = 0; r < @M; r++) {
+                if (k0 == 0 || r >= M) { a0[r] = (jtl_vec){}; a1[r] = (jtl_vec){}; }
+                else { a0[r] = jtl_load(Y + r * N + j0); a1[r] = jtl_load(Y + r * N + j0 + JTL_VEC); }
             }
             const float* w = W + k0 * N + j0;
             for (int k = 0; k < kn; k++, w += N) {
@@ -153,12 +154,13 @@ const long long S = 2 * JTL_VEC, nstrips = N / S;
                 const jtl_vec b0 = jtl_load(B + j0), b1 = jtl_load(B + j0 + JTL_VEC);
                 for (int r = 0; r < @M; r++) { a0[r] += b0; a1[r] += b1; }
             }
-            for (int r = 0; r < @M; r++) { jtl_store(Y + r * N + j0, a0[r]); jtl_store(Y + r * N + j0 + JTL_VEC, a1[r]); }
+            for (int r = 0; r < @M; r++)
+                if (r < M) { jtl_store(Y + r * N + j0, a0[r]); jtl_store(Y + r * N + j0 + JTL_VEC, a1[r]); }
         }
     }
 }
 for (long long j = nstrips * S; j < N; j++)   // columns past the last whole strip
-    for (long long r = 0; r < @M; r++) {
+    for (long long r = 0; r < M; r++) {
         float a = 0.f;
         for (long long k = 0; k < K; k++) a += X[r * K + k] * W[k * N + j];
         Y[r * N + j] = a + (B ? B[j] : 0.f);
@@ -168,9 +170,11 @@ for (long long j = nstrips * S; j < N; j++)   // columns past the last whole str
 # W [N, K] with few rows: two weight rows at a time against every input row held in registers,
 # weight rows prefetched 8 ahead (~11 vs ~14 ms for oneDNN's best layout on GPT-2 S's LM head).
 _DOT_SRC = r"""
-const long long K = in0_shape1, N = in1_shape0, KV = K / JTL_VEC * JTL_VEC;
-const float* X = in0_p; const float* W = in1_p; float* Y = out0_p;
+const long long M = in0_shape0, K = in0_shape1, N = in1_shape0, KV = K / JTL_VEC * JTL_VEC;
+const float* W = in1_p; float* Y = out0_p;
 const float* B = @BIAS ? (const float*)@BIAS_P : nullptr;
+float* X = (float*)std::calloc(@M * K, sizeof(float));   // the rows, zero-padded to the bucket
+std::memcpy(X, in0_p, sizeof(float) * M * K);
 #pragma omp parallel for schedule(static)
 for (long long n = 0; n < N - 1; n += 2) {
     const float* w0p = W + n * K; const float* w1p = w0p + K;
@@ -182,7 +186,7 @@ for (long long n = 0; n < N - 1; n += 2) {
         const jtl_vec w0 = jtl_load(w0p + k), w1 = jtl_load(w1p + k);
         for (int r = 0; r < @M; r++) { const jtl_vec xv = jtl_load(X + r * K + k); a[r] += xv * w0; b[r] += xv * w1; }
     }
-    for (int r = 0; r < @M; r++) {
+    for (int r = 0; r < M; r++) {
         float s0 = 0.f, s1 = 0.f;
         for (int i = 0; i < JTL_VEC; i++) { s0 += a[r][i]; s1 += b[r][i]; }
         for (long long k = KV; k < K; k++) { s0 += X[r * K + k] * w0p[k]; s1 += X[r * K + k] * w1p[k]; }
@@ -191,11 +195,12 @@ for (long long n = 0; n < N - 1; n += 2) {
     }
 }
 if (N % 2)
-    for (long long r = 0; r < @M; r++) {
+    for (long long r = 0; r < M; r++) {
         float s = 0.f;
         for (long long k = 0; k < K; k++) s += X[r * K + k] * W[(N - 1) * K + k];
         Y[r * N + N - 1] = s + (B ? B[N - 1] : 0.f);
     }
+std::free(X);
 """
 
 # W [N, K] (nn.Linear layout, the tied LM head): oneDNN's sgemm streams W well when it is the
@@ -227,6 +232,8 @@ def _strip_rows_max() -> int:
 
 
 _STRIP_MAX = None
+# Kernels are compiled per bucket (a few seconds each, once per machine), not per row count.
+_ROW_BUCKETS = (1, 2, 4, 6, 8, 10, 12)
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,14 +269,15 @@ def small_rows_matmul(x, w, transpose_w: bool = False, bias=None):
     if (w.shape[1] if transpose_w else w.shape[0]) != k:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, w {tuple(w.shape)}, transpose_w={transpose_w}")
     rows = x2.shape[0]
-    in_registers = 0 < rows <= _strip_rows_max()
+    bucket = next((b for b in _ROW_BUCKETS if rows <= b <= _strip_rows_max()), 0)
+    in_registers = bucket > 0
     if not transpose_w and not in_registers:
         y = jt.matmul(x2, w)  # more rows than registers: oneDNN's packed sgemm
         return (y + bias if bias is not None else y).reshape(lead + (n,))
     inputs = [x2, w] + ([bias] if bias is not None else [])
     kind = ("dot" if in_registers else "left") if transpose_w else "strip"
     out = jt.code((rows, n), "float32", inputs, cpu_header=_SMALL_HEADER,
-                  cpu_src=_small_source(kind, rows if in_registers else 0, bias is not None))
+                  cpu_src=_small_source(kind, bucket, bias is not None))
     return out.reshape(lead + (n,))
 
 
@@ -475,5 +483,8 @@ def token_cross_entropy(logits, labels, label_smooth: float = 0.0):
         return None
     lead = tuple(logits.shape[:-1])
     eps = float(label_smooth) if label_smooth > 0.0001 else 0.0
-    flat = _TokenCrossEntropy.apply(logits.reshape((-1, logits.shape[-1])), labels.int32().reshape((-1,)), eps)
-    return flat.reshape(lead)
+    if logits.ndim != 2:
+        logits = logits.reshape((-1, logits.shape[-1]))
+    labels = labels if labels.dtype == "int32" else labels.int32()
+    flat = _TokenCrossEntropy.apply(logits, labels.reshape((-1,)) if labels.ndim != 1 else labels, eps)
+    return flat if len(lead) == 1 else flat.reshape(lead)

@@ -15,7 +15,7 @@ import numpy as np
 from .backend import jt, nn
 from .decode_cache import DecodeCache
 from .ia3 import IA3Linear
-from .kernels import attention_softmax, batched_matmul, token_cross_entropy
+from .kernels import attention_softmax, batched_matmul, fast_path_available, token_cross_entropy
 from .lora import Linear, MergedLinear
 from .modes import AdapterModule
 
@@ -290,7 +290,14 @@ class GPT2LMModel(AdapterModule):
         save_pretrained(self, out_dir)
 
     def logits(self, hidden):
-        return nn.matmul_transpose(hidden, self.transformer.wte.weight)
+        """``hidden @ wteᵀ``. On the CPU oneDNN reads the tied head transposed in place;
+        ``nn.matmul_transpose`` materialises the 50257 x n_embd transpose on every call."""
+        wte = self.transformer.wte.weight
+        if not fast_path_available():
+            return nn.matmul_transpose(hidden, wte)
+        flat = hidden.reshape((1, -1, hidden.shape[-1]))
+        out = batched_matmul(flat, wte.unsqueeze(0), transpose_b=True)
+        return out.reshape(tuple(hidden.shape[:-1]) + (wte.shape[0],))
 
     def execute(self, input_ids, lm_labels=None, lm_mask=None, past=None, label_smooth=0.0,
                 position_ids=None, attention_mask=None, head_mask=None, ffn_mask=None,
