@@ -17,6 +17,7 @@ for adapter in lora ina ia3; do
 done
 run --model gpt2.sm --mode train --adapter lora --batch 8 --seq 128 --loss_fraction 0.5
 run --model gpt2.sm --mode beam --adapter lora --batch 1 --beam 10 --new_tokens 64 --prompt_len 32
+run --model gpt2.sm --mode beam --adapter lora --batch 4 --beam 10 --new_tokens 64 --prompt_len 32
 if [ "${QUICK:-0}" != 1 ]; then
   run --model gpt2.md --mode train --adapter lora --batch 8 --seq 128
   run --model gpt2.md --mode beam --adapter lora --batch 1 --beam 10 --new_tokens 64 --prompt_len 32
