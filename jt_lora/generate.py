@@ -100,10 +100,7 @@ class _CachedStepper:
         self.model, self.head, self.padded = model, head, padded
         self.mask = mask               # [rows, T_total] 1 = real key, 0 = left padding
         self.next_pos = pos[:, -1] + 1  # [rows] position of the next token
-        hidden, self.past, _ = model.transformer(
-            jt.array(ids), position_ids=jt.array(pos) if padded else None,
-            attention_mask=jt.array(mask) if padded else None)
-        self.first_logits = _last_logits(head, hidden)
+        self.first_logits, self.past = _prompt_pass(model, head, ids, mask, pos, padded)
 
     def step(self, src: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Reorder the rows to ``src`` (indices into the current rows), feed ``tokens`` [rows]."""
@@ -129,10 +126,7 @@ class _DecodeCacheStepper:
                  rows: int = 0, steps: int = 0):
         self.model, self.head = model, head
         self.next_pos = pos[:, -1] + 1  # [rows] position of the next token
-        hidden, presents, _ = model.transformer(
-            jt.array(ids), position_ids=jt.array(pos) if padded else None,
-            attention_mask=jt.array(mask) if padded else None)
-        self.first_logits = _last_logits(head, hidden)
+        self.first_logits, presents = _prompt_pass(model, head, ids, mask, pos, padded)
         self.cache = DecodeCache(presents, mask if padded else None, rows, steps)
 
     def step(self, src: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -145,6 +139,14 @@ class _DecodeCacheStepper:
             position_ids=jt.array(self.next_pos.astype(np.int32).reshape(rows, 1)))
         self.next_pos = self.next_pos + 1
         return _last_logits(self.head, hidden)
+
+
+def _prompt_pass(model, head, ids, mask, pos, padded):
+    """The prompts once (left padded): (last-position logits [rows, V], per-layer (k, v))."""
+    hidden, presents, _ = model.transformer(
+        jt.array(ids), position_ids=jt.array(pos) if padded else None,
+        attention_mask=jt.array(mask) if padded else None)
+    return _last_logits(head, hidden), presents
 
 
 class _RecomputeStepper:

@@ -348,15 +348,18 @@ def scale_last_dim(x, s):
 
 # in0 scores [B, H, Tq, Tk]; in1 keep [Bk, Hk, Tq, Tk] (Bk in {1, B}, Hk in {1, H}) -> out0 probs.
 # The reference's w = s / sqrt(D); w*keep - 1e10*(1 - keep); softmax over the last axis.
-_SOFTMAX_SRC = r"""
+# Shared by both directions: shapes, and each row's (broadcast) keep mask.
+_SOFTMAX_ROWS = r"""
 const long long B = in0_shape0, H = in0_shape1, Tq = in0_shape2, Tk = in0_shape3;
 const long long Bk = in1_shape0, Hk = in1_shape1;
 const float sqrt_d = (float)data["sqrt_d"];
 #pragma omp parallel for schedule(static)
 for (long long row = 0; row < B * H * Tq; row++) {
     const long long i = row % Tq, h = (row / Tq) % H, b = row / (Tq * H);
-    const float* s = in0_p + row * Tk;
     const float* keep = in1_p + (((Bk == 1 ? 0 : b) * Hk + (Hk == 1 ? 0 : h)) * Tq + i) * Tk;
+"""
+_SOFTMAX_SRC = _SOFTMAX_ROWS + r"""
+    const float* s = in0_p + row * Tk;
     float* p = out0_p + row * Tk;
     float m = -INFINITY;
     for (long long j = 0; j < Tk; j++) {
@@ -370,16 +373,9 @@ for (long long row = 0; row < B * H * Tq; row++) {
 }
 """
 # in0 probs, in1 keep, in2 grad of probs -> out0 grad of scores: keep/sqrt(D) * p * (g - sum(p g))
-_SOFTMAX_GRAD_SRC = r"""
-const long long B = in0_shape0, H = in0_shape1, Tq = in0_shape2, Tk = in0_shape3;
-const long long Bk = in1_shape0, Hk = in1_shape1;
-const float sqrt_d = (float)data["sqrt_d"];
-#pragma omp parallel for schedule(static)
-for (long long row = 0; row < B * H * Tq; row++) {
-    const long long i = row % Tq, h = (row / Tq) % H, b = row / (Tq * H);
+_SOFTMAX_GRAD_SRC = _SOFTMAX_ROWS + r"""
     const float* p = in0_p + row * Tk;
     const float* g = in2_p + row * Tk;
-    const float* keep = in1_p + (((Bk == 1 ? 0 : b) * Hk + (Hk == 1 ? 0 : h)) * Tq + i) * Tk;
     float* gs = out0_p + row * Tk;
     float dot = 0.f;
     for (long long j = 0; j < Tk; j++) dot += p[j] * g[j];
