@@ -17,9 +17,12 @@ The equivalent of microsoft/LoRA's ``examples/NLG/src/gpt2_decode.py`` for E2E:
 Where LoRA's script fails or writes a file the scorer would misread, this one stops with a message
 or keeps the file well-formed: an input without a prediction is an error naming it (LoRA raises a
 KeyError); a line break inside a text becomes a space (LoRA writes it through, shifting every later
-line); an empty reference is an error (it would read as an input separator). Several predictions
-for one input (one per duplicated test line) are identical under deterministic decoding; the first
-one is used.
+line); an empty reference is an error (it would read as an input separator).
+
+An input that occurs on several lines (E2E repeats each MR once per reference) can get several
+predictions, and they need not agree: a batched run may pad the same prompt differently. As LoRA's
+script does (it assigns ``refer_dict[key]['sample']`` for every sample line), the **last**
+prediction in sample-file order is the one kept, so both give the same files.
 
 Usage::
 
@@ -138,7 +141,9 @@ def group_references(input_file: str, unique_ids: Optional[Sequence[int]] = None
 
 def attach_predictions(groups: Dict[Hashable, Group], keys: Sequence[Hashable], sample_file: str,
                        decode_ids: Callable[[Sequence[int]], str]) -> int:
-    """Give each input the first prediction generated for any of its lines.
+    """Give each input the last prediction in the sample file for any of its lines (the reference's rule).
+
+    Every line is decoded and checked, including those a later line overrides.
 
     Returns:
         The number of sample lines read.
@@ -154,8 +159,6 @@ def attach_predictions(groups: Dict[Hashable, Group], keys: Sequence[Hashable], 
             raise DecodeError(f"{sample_file}:{lineno}: id {idx!r} is not a line index of the input file "
                               f"(0..{len(keys) - 1})")
         group = groups[keys[idx]]
-        if group.prediction is not None:
-            continue
         if "predict" in obj:
             try:
                 text = decode_ids(obj["predict"])

@@ -45,7 +45,7 @@ INPUT_ROWS = [
 @pytest.fixture
 def files(tmp_path):
     inp = write_jsonl(tmp_path / "test_formatted.jsonl", INPUT_ROWS)
-    samples = [  # out of order, several per MR: the first one seen for an MR is used
+    samples = [  # out of order, several per MR: the last one in the file for an MR is used (as LoRA)
         {"id": 3, "predict": ids(" A first<|endoftext|>!!!")},
         {"id": 2, "predict": ids(" B pred\n\nrambling on")},
         {"id": 0, "predict": ids(" A later")},
@@ -67,7 +67,7 @@ def test_groups_by_context_in_first_seen_order_and_writes_the_official_layout(fi
     assert counts == {"inputs": 3, "references": 5, "samples": 5}
     assert ref == "A one .\nA two .\nA three .\n\nB one .\n\nC one .\n\n"
     # cut at <|endoftext|> and at the first blank line, stripped; an empty output stays a line
-    assert pred == "A first\nB pred\n\n"
+    assert pred == "A even later\nB pred\n\n"
 
 
 def test_written_files_read_back_through_the_scorer(files):
@@ -77,7 +77,7 @@ def test_written_files_read_back_through_the_scorer(files):
     run(tmp_path, inp, sample)
     refs, preds = metrics.load_pair(str(tmp_path / "out" / "ref.txt"), str(tmp_path / "out" / "pred.txt"))
     assert refs == [["A one .", "A two .", "A three ."], ["B one ."], ["C one ."]]
-    assert preds == ["A first", "B pred", ""]
+    assert preds == ["A even later", "B pred", ""]
 
 
 def test_ref_unique_file_groups_lines_instead_of_contexts(files):
@@ -85,8 +85,37 @@ def test_ref_unique_file_groups_lines_instead_of_contexts(files):
     (tmp_path / "uniq.txt").write_text("7\n7\n9\n9\n7\n")  # line 3 (MR A) joins B's group
     _, ref, pred = run(tmp_path, inp, sample, ref_unique_file=str(tmp_path / "uniq.txt"))
     assert ref == "A one .\nA two .\nC one .\n\nB one .\nA three .\n\n"
-    # group 7's first sample is id 0 -> "A later"; group 9's is id 3 -> "A first"
-    assert pred == "A later\nA first\n"
+    # group 7's last sample is id 1 -> "A even later"; group 9's is id 2 -> "B pred"
+    assert pred == "A even later\nB pred\n"
+
+
+def _reference_rule(input_rows, sample_rows, decode_ids):
+    """gpt2_decode.py's loop, written from its definition: a dict keyed by context, the references
+    appended in input order, and ``refer_dict[key]['sample']`` assigned for every sample line."""
+    refer, contexts = {}, []
+    for row in input_rows:
+        contexts.append(row["context"])
+        refer.setdefault(row["context"], {"references": []})["references"].append(
+            row["completion"].split("<|endoftext|>")[0].split("\n\n")[0].strip())
+    for row in sample_rows:
+        refer[contexts[row["id"]]]["sample"] = \
+            decode_ids(row["predict"]).split("<|endoftext|>")[0].split("\n\n")[0].strip()
+    ref = "".join("".join(r + "\n" for r in v["references"]) + "\n" for v in refer.values())
+    return ref, "".join(v["sample"] + "\n" for v in refer.values())
+
+
+def test_one_mr_with_different_predictions_keeps_the_last_as_the_reference(tmp_path):
+    # A batched run: lines of one MR got different predictions, in an order that is neither the
+    # input order nor grouped by MR. The first-seen rule would give "A1"/"B1" here.
+    rows = [{"context": f"name : {m}", "completion": f"{m} ref {k} ."} for m, k in
+            [("A", 0), ("B", 0), ("A", 1), ("C", 0), ("B", 1), ("A", 2)]]
+    samples = [{"id": i, "predict": ids(t)} for i, t in
+               [(5, " A1"), (1, " B1"), (0, " A2"), (3, " C1"), (4, " B2"), (2, " A3 <|endoftext|> x")]]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    sample = write_jsonl(tmp_path / "s.jsonl", samples)
+    _, ref, pred = run(tmp_path, inp, sample)
+    assert (ref, pred) == _reference_rule(rows, samples, chars)
+    assert pred == "A3\nB2\nC1\n"
 
 
 def test_lower_and_tokenize_as_lora(files):
