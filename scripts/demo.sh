@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The main job: E2E data -> fine-tuning -> beam search -> official E2E metrics, ending with one JSON
-# line {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}.
+# The main job: E2E data -> fine-tuning -> beam search -> official E2E metrics. It ends with the
+# list of its output files, then, as the LAST line, the scores as one JSON object
+# {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"} (also saved in $WORK/metrics.json).
 #
 # Default (no CKPT): an embedded demo on a TINY GPT-2 WITH RANDOM INITIAL WEIGHTS (2 layers, width
 # 128), LoRA-tuned on a few hundred E2E examples: it shows the whole pipeline runs, not what LoRA
 # achieves (expect near-zero scores). With a real checkpoint it runs the paper's recipe:
 #   MODEL=gpt2.md CKPT=pretrained_checkpoints/gpt2-medium-pytorch_model.bin bash scripts/demo.sh
-# Environment: WORK (output dir, default work_dir/demo), ADAPTER (lora|ina|ia3, default lora),
-# N_TRAIN / N_TEST (demo sizes), EXTRA_TRAIN_ARGS (passed to the trainer).
+# Data (GPT-2 vocab, E2E) is found in $JT_LORA_DATA, data/ or ../shared/data, else downloaded
+# (scripts/ensure_data.sh). Environment: WORK (output dir, default work_dir/demo), ADAPTER
+# (lora|ina|ia3, default lora), N_TRAIN / N_TEST (demo sizes), EXTRA_TRAIN_ARGS (passed to the trainer).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+bash scripts/ensure_data.sh "bash scripts/demo.sh"
 bash scripts/setup.sh
 PY="$ROOT/.venv/bin/python"
 WORK="${WORK:-$ROOT/work_dir/demo}"
@@ -56,5 +59,22 @@ else
 fi
 
 step "4/4 decoding and E2E metrics"
-bash run_metric.sh --sample_file "$WORK/generate/predict.jsonl" --input_file "$INPUT" \
-  --output_ref_file "$WORK/e2e_ref.txt" --output_pred_file "$WORK/e2e_pred.txt" | tee "$WORK/metrics.txt"
+if ! bash run_metric.sh --sample_file "$WORK/generate/predict.jsonl" --input_file "$INPUT" \
+    --output_ref_file "$WORK/e2e_ref.txt" --output_pred_file "$WORK/e2e_pred.txt" > "$WORK/metrics.txt"; then
+  cat "$WORK/metrics.txt"
+  exit 1
+fi
+# run_metric.sh prints the scores as its last line; keep them as the demo's last line too.
+scores="$(tail -n 1 "$WORK/metrics.txt")"
+printf '%s\n' "$scores" > "$WORK/metrics.json.tmp" && mv "$WORK/metrics.json.tmp" "$WORK/metrics.json"
+sed '$d' "$WORK/metrics.txt"
+echo
+echo "outputs:"
+echo "  predictions  $WORK/e2e_pred.txt (references: $WORK/e2e_ref.txt; token ids: $WORK/generate/predict.jsonl)"
+echo "  metrics      $WORK/metrics.json (full log: $WORK/metrics.txt)"
+if [ -f "$WORK/train/loss_curve.png" ]; then
+  echo "  loss plot    $WORK/train/loss_curve.png"
+fi
+echo "  adapter      $WORK/train/adapter"
+echo "scores (E2E metrics, last line):"
+echo "$scores"

@@ -26,6 +26,16 @@ def torch_reference(mode: str, inputs: dict, out_dir: Path) -> Path:
     return out_dir
 
 
+def pytest_report_header(config):
+    """Say where the data came from, or which files are missing (the tests reading them will skip)."""
+    from jt_lora import assets
+    missing = assets.missing_assets()
+    if missing:
+        return (f"data: MISSING {', '.join(missing)}: tests that read them will skip; "
+                f"`bash scripts/test.sh` downloads them, or set {assets.ENV_VAR}")
+    return f"data: GPT-2 vocab and E2E files found (vocab: {assets.find_asset('gpt2-vocab/encoder.json').parent})"
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from jt_lora import GPT2Config

@@ -3,8 +3,9 @@
 Two references: a small pure-Python GPT-2 BPE written here (regex split, byte-to-unicode map,
 lowest-rank merge first: the algorithm of GPT-2's and microsoft/LoRA's encoder.py), and
 transformers' GPT2Tokenizer when installed (in transformers 5 it is backed by the Rust `tokenizers`
-library, an implementation independent of tiktoken). Vocab and E2E data are read from ../shared at
-run time; tests skip when they are absent.
+library, an implementation independent of tiktoken). The vocab and E2E data are found at run time
+through jt_lora.assets (scripts/test.sh downloads them when no copy is found); only the tests that
+read them skip without them, the error-path tests always run.
 """
 
 import functools
@@ -16,8 +17,9 @@ import pytest
 from jt_lora import assets
 from jt_lora.tokenizer import EOS_TOKEN_ID, load_tokenizer
 
-VOCAB = assets.try_find_asset("gpt2-vocab")
-pytestmark = pytest.mark.skipif(VOCAB is None, reason="GPT-2 vocab not found (scripts/download_data.sh)")
+VOCAB = assets.try_find_asset("gpt2-vocab/encoder.json")
+VOCAB = VOCAB.parent if VOCAB is not None else None
+needs_vocab = pytest.mark.skipif(VOCAB is None, reason="GPT-2 vocab not found (scripts/download_data.sh or JT_LORA_DATA)")
 
 TRICKY = [
     "",
@@ -83,16 +85,22 @@ def _python_gpt2_bpe(vocab_dir: Path):
 
 @pytest.fixture(scope="module")
 def tok():
+    if VOCAB is None:
+        pytest.skip("GPT-2 vocab not found (scripts/download_data.sh or JT_LORA_DATA)")
     return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def py_ref():
+    if VOCAB is None:
+        pytest.skip("GPT-2 vocab not found (scripts/download_data.sh or JT_LORA_DATA)")
     return _python_gpt2_bpe(VOCAB)
 
 
 @pytest.fixture(scope="module")
 def hf_ref():
+    if VOCAB is None:
+        pytest.skip("GPT-2 vocab not found (scripts/download_data.sh or JT_LORA_DATA)")
     transformers = pytest.importorskip("transformers")
     return transformers.GPT2Tokenizer(str(VOCAB / "encoder.json"), str(VOCAB / "vocab.bpe"))
 
@@ -167,6 +175,7 @@ def test_missing_vocab_dir_is_clear(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
+@needs_vocab
 def test_inconsistent_vocab_is_rejected(tmp_path):
     # Swap two merges: tiktoken would then disagree with the reference, so loading must fail.
     (tmp_path / "encoder.json").write_bytes((VOCAB / "encoder.json").read_bytes())
@@ -177,8 +186,43 @@ def test_inconsistent_vocab_is_rejected(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
-def test_empty_vocab_folder_does_not_hide_a_complete_copy(tmp_path, monkeypatch):
-    # A failed download can leave an empty gpt2-vocab/ in a higher-precedence data root.
-    (tmp_path / "gpt2-vocab").mkdir()
-    monkeypatch.setenv(assets.ENV_VAR, str(tmp_path))
-    assert load_tokenizer().vocab_dir == VOCAB
+@pytest.fixture
+def no_data_roots(tmp_path, monkeypatch):
+    """A fake project with no data anywhere: the search order sees only what a test puts there."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    monkeypatch.setattr(assets, "PROJECT_ROOT", project)
+    monkeypatch.delenv(assets.ENV_VAR, raising=False)
+    return {"env": tmp_path / "envdata", "project": project / "data", "shared": tmp_path / "shared" / "data"}
+
+
+def test_no_vocab_anywhere_names_every_place_and_the_fixes(no_data_roots):
+    with pytest.raises(FileNotFoundError) as err:
+        load_tokenizer()
+    message = str(err.value)
+    assert str(no_data_roots["project"] / "gpt2-vocab" / "encoder.json") in message
+    assert str(no_data_roots["shared"] / "gpt2-vocab" / "encoder.json") in message
+    assert "$JT_LORA_DATA: not set" in message
+    assert "set JT_LORA_DATA" in message and "scripts/download_data.sh" in message
+
+
+def test_vocab_dir_without_merges_is_clear(tmp_path):
+    (tmp_path / "encoder.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="vocab.bpe"):
+        load_tokenizer(str(tmp_path))
+
+
+@needs_vocab
+def test_empty_vocab_folder_does_not_hide_a_complete_copy(no_data_roots, monkeypatch):
+    # A failed download can leave an empty gpt2-vocab/ in a higher-precedence data root: here in
+    # $JT_LORA_DATA and in the project's data/, with the complete copy in ../shared/data.
+    for name in ("env", "project"):
+        (no_data_roots[name] / "gpt2-vocab").mkdir(parents=True)
+    complete = no_data_roots["shared"] / "gpt2-vocab"
+    complete.mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        (complete / name).write_bytes((VOCAB / name).read_bytes())
+    monkeypatch.setenv(assets.ENV_VAR, str(no_data_roots["env"]))
+    tok = load_tokenizer()
+    assert tok.vocab_dir == complete.resolve() and tok.vocab_dir != VOCAB
+    assert tok.encode("Hello world") == [15496, 995]
