@@ -30,6 +30,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .textio import iter_text_lines, parse_json_line
+
 PAD_ID = 0  # the reference pads input/target with 0; padded positions have mask 0
 Pair = Tuple[Sequence[int], Sequence[int]]
 
@@ -44,18 +46,15 @@ def _ids(value, path, line: int, key: str, vocab_size: Optional[int]) -> np.ndar
 
 
 def iter_jsonl_objects(path) -> Iterator[Tuple[int, dict]]:
-    """(line number, object) for each non-blank line; ValueError naming file and line otherwise."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
+    """(line number, object) for each non-blank line; ValueError naming file, line (and column, for
+    invalid JSON and non-UTF-8 bytes) otherwise."""
+    for line_no, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        record = parse_json_line(path, line_no, line)
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        yield line_no, record
 
 
 def read_encoded_jsonl(path, vocab_size: Optional[int] = None) -> List[Tuple[np.ndarray, np.ndarray]]:
@@ -323,25 +322,29 @@ def token_counts(dataset: FTDataset, batch_size: int, *, shuffle: bool = False, 
 
 def main(argv=None) -> int:
     """``python -m jt_lora.data FILE --seq_len 512 --batch_size 8``: token counts as JSON."""
-    p = argparse.ArgumentParser(description="Tokens per epoch: dynamic padding vs padding to seq_len.")
+    from .cli import DefaultsHelpFormatter, positive_int, run_cli
+    p = argparse.ArgumentParser(prog="python -m jt_lora.data", formatter_class=DefaultsHelpFormatter,
+                                description="Tokens per epoch: dynamic padding vs padding to seq_len.")
     p.add_argument("path", help="encoded JSONL ({'context': ids, 'completion': ids})")
-    p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--shuffle", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--drop_last", action="store_true")
-    p.add_argument("--pad_to_multiple_of", type=int, default=1)
+    p.add_argument("--seq_len", type=int, default=512, help="the trainer's --seq_len")
+    p.add_argument("--batch_size", type=int, default=8, help="examples per batch")
+    p.add_argument("--shuffle", action="store_true", help="count the shuffled order of --seed's epoch 0")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--drop_last", action="store_true", help="drop the last incomplete batch")
+    p.add_argument("--pad_to_multiple_of", type=int, default=1, help="round padded lengths up to a multiple")
     args = p.parse_args(argv)
-    try:
+
+    def body():
+        positive_int("--batch_size", args.batch_size)
+        positive_int("--seq_len", args.seq_len, 2)
+        positive_int("--pad_to_multiple_of", args.pad_to_multiple_of)
         dataset = FTDataset(args.path, args.seq_len)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(dataset.summary(), file=sys.stderr)
-    counts = token_counts(dataset, args.batch_size, shuffle=args.shuffle, seed=args.seed, drop_last=args.drop_last,
-                          pad_to_multiple_of=args.pad_to_multiple_of)
-    print(json.dumps(counts))
-    return 0
+        print(dataset.summary(), file=sys.stderr)
+        counts = token_counts(dataset, args.batch_size, shuffle=args.shuffle, seed=args.seed,
+                              drop_last=args.drop_last, pad_to_multiple_of=args.pad_to_multiple_of)
+        print(json.dumps(counts))
+        return 0
+    return run_cli(body, "jt_lora.data")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
+from .textio import iter_text_lines, parse_json_line
+
 EOS_TEXT = "<|endoftext|>"
 # Everything the scorer's line reader (str.splitlines) treats as a line break.
 _LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
@@ -82,17 +84,18 @@ def _json_lines(path: str, what: str):
     p = Path(path)
     if not p.is_file():
         raise DecodeError(f"{what} not found: {path}")
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    try:
+        for lineno, line in iter_text_lines(p):
             if not line.strip():
                 raise DecodeError(f"{path}:{lineno}: empty line in {what} (one JSON object per line expected)")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DecodeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            obj = parse_json_line(path, lineno, line)
             if not isinstance(obj, dict):
                 raise DecodeError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+    except DecodeError:
+        raise
+    except ValueError as e:     # textio's UTF-8 and JSON errors (path:line:column): one error type for callers
+        raise DecodeError(str(e)) from None
 
 
 def read_unique_ids(path: str) -> List[int]:
@@ -101,7 +104,7 @@ def read_unique_ids(path: str) -> List[int]:
     if not p.is_file():
         raise DecodeError(f"ref_unique_file not found: {path}")
     ids = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in iter_text_lines(p):
         try:
             ids.append(int(line.strip()))
         except ValueError:
@@ -231,8 +234,9 @@ def decode(sample_file: str, input_file: str, output_ref_file: str, output_pred_
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import DefaultsHelpFormatter
     p = argparse.ArgumentParser(
-        prog="python -m jt_lora.decode",
+        prog="python -m jt_lora.decode", formatter_class=DefaultsHelpFormatter,
         description="Decode generated token ids into the E2E scorer's reference and prediction files "
         "(microsoft/LoRA gpt2_decode.py for E2E).",
     )
@@ -249,17 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import run_cli
     args = build_parser().parse_args(argv)
-    try:
+
+    def body():
         counts = decode(args.sample_file, args.input_file, args.output_ref_file, args.output_pred_file,
                         vocab=args.vocab, ref_unique_file=args.ref_unique_file, tokenize=args.tokenize,
                         lower=args.lower)
-    except (DecodeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"decoded {counts['samples']} samples: {counts['inputs']} inputs, {counts['references']} references "
-          f"-> {args.output_ref_file}, {args.output_pred_file}", file=sys.stderr)
-    return 0
+        print(f"decoded {counts['samples']} samples: {counts['inputs']} inputs, {counts['references']} "
+              f"references -> {args.output_ref_file}, {args.output_pred_file}", file=sys.stderr)
+        return 0
+    return run_cli(body, "jt_lora.decode", user_errors=(DecodeError, ValueError), code=2)
 
 
 if __name__ == "__main__":

@@ -286,6 +286,8 @@ def _atomic_write_text(path: Path, chunks: Iterable[str]) -> None:
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(chunks)
+            f.flush()
+            os.fsync(f.fileno())  # durable before the rename: a crash never leaves an empty file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -86,7 +86,9 @@ def _read_stripped_lines(path: str, what: str) -> List[str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise MetricsError(f"{what} file {path} is not valid UTF-8 (byte {e.start}): {e.reason}") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise MetricsError(f"{path}:{line}: {what} file is not valid UTF-8 (byte {data[e.start:e.start + 1]!r} "
+                           f"at offset {e.start}); convert it to UTF-8") from None
     return [line.strip() for line in text.splitlines()]
 
 
@@ -525,18 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import run_cli
     args = build_parser().parse_args(argv)
-    try:
+
+    def body():
         refs, preds = load_pair(args.ref, args.pred)
         print(f"scoring {len(preds)} inputs against {sum(map(len, refs))} references ...", file=sys.stderr)
         scores = score(refs, preds)
-    except MetricsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(scores))
-    if args.json:
-        print(json.dumps(scores))
-    return 0
+        print(format_table(scores))
+        if args.json:
+            print(json.dumps(scores))
+        return 0
+    return run_cli(body, "jt_lora.metrics", user_errors=(MetricsError,), code=2)
 
 
 if __name__ == "__main__":

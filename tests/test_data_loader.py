@@ -211,7 +211,8 @@ def test_read_jsonl_and_errors_name_file_and_line(tmp_path):
     good = _write_jsonl(tmp_path / "good.jsonl", [([1, 2], [3]), ([4], [5, 6])])
     assert [(c.tolist(), t.tolist()) for c, t in read_encoded_jsonl(good)] == [([1, 2], [3]), ([4], [5, 6])]
     cases = {
-        '{"context": [1], "completion": [2]}\n{"context": [1], "completion": [2]\n': r":2: invalid JSON",
+        '{"context": [1], "completion": [2]}\n{"context": [1], "completion": [2]\n': r":2:35: invalid JSON",
+        '{"context": [1],, "completion": [2]}\n': r":1:17: invalid JSON",
         '{"context": [1], "completion": [2]}\n\n{"context": [1]}\n': r":3: missing key 'completion'",
         '{"context": [1, "a"], "completion": [2]}\n': r":1: 'context' must be a list of integer",
         '{"context": [1], "completion": []}\n': r":1: empty 'completion'",
@@ -224,6 +225,10 @@ def test_read_jsonl_and_errors_name_file_and_line(tmp_path):
         with pytest.raises(ValueError) as err:
             FTDataset(path, seq_len=8)
         assert str(err.value).startswith(str(path)) and re.search(pattern, str(err.value)), str(err.value)
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"context": [1], "completion": [2]}\n{"context": [1], "x": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2:27: not valid UTF-8 \(byte b'\\xe9'\)"):
+        FTDataset(path, seq_len=8)
     path = tmp_path / "vocab.jsonl"
     path.write_text('{"context": [1], "completion": [50257]}\n')
     with pytest.raises(ValueError, match=r"vocab\.jsonl:1: 'completion' has token ids outside"):
