@@ -43,6 +43,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! installed; then
   echo "$want" > "$stamp"
 fi
 # Jittor compiles its core on first import (about 3 minutes on 2 cores, cached in ~/.cache/jittor).
+# Once that has worked for this install, later runs skip it: importing Jittor costs seconds, and
+# on a busy machine it can wait much longer for the lock of Jittor's cache.
+warm="$VENV/.jt_lora_jittor_ready"
+if [ -f "$warm" ] && [ "$(cat "$warm")" = "$want" ] && [ -d "${cache_path:-$HOME/.cache/jittor}" ]; then
+  echo "setup: .venv up to date (Jittor compiled before; delete $warm to re-check)"
+  exit 0
+fi
 "$VENV/bin/python" - <<'PY'
 import time
 t = time.time()
@@ -52,3 +59,4 @@ a = jt.ones((64, 64))
 assert float((a @ a).sum().item()) == 64.0 ** 3
 print(f"setup: jittor {jt.__version__} ready on {device_name()} (oneDNN: {onednn_available()}) in {time.time() - t:.0f}s")
 PY
+echo "$want" > "$warm"
