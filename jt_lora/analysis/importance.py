@@ -1,19 +1,26 @@
 """Which heads and feed-forward blocks the LM loss depends on.
 
-Head importance follows Michel et al. (2019), "Are Sixteen Heads Really Better than One?": every
-head's attention probabilities are multiplied by a mask variable ``xi[l, h] = 1`` (the model's
-``head_mask`` input), and the importance of a head is the expected absolute gradient of the loss
-with respect to it::
+Head importance, two definitions (``definition=``), both built from the token term
+``s[b, t, l, h] = sum_d g * c`` where ``c`` is head ``h``'s slice of layer ``l``'s attention context
+(the per-head outputs before ``c_proj``) and ``g = dL/dc``, ``L`` each batch's mean loss over its
+loss tokens:
 
-    I[l, h] = E |dL/d xi[l, h]|    (at xi = 1, i.e. the unchanged model)
-
-Expectation over batches, weighted by each batch's loss tokens; with ``batch_size=1`` it is the
-paper's per-example expectation. ``normalized`` divides each layer's row by its L2 norm, as the
-paper does before comparing heads across layers.
+* ``llm-interpret`` (default): Bansal et al. (2023), amazon-science/llm-interpret
+  ``calculate_importance``: ``sum over batches, examples, positions of |s|`` (absolute value per
+  token); layers ``0 .. L-2`` divided by the total over examples of (real sequence length - 1),
+  i.e. context + completion tokens without padding, minus one; the last layer divided by the number
+  of loss (label) tokens, as only their positions get a gradient there. Padding positions carry no
+  gradient (padded keys get zero attention), so counting them would change nothing. No per-layer
+  normalisation. The loss is a mean per batch, so the scores depend on how examples are batched, as
+  in the reference (``batch_size=1``: a sum of per-example terms).
+* ``michel``: Michel et al. (2019), "Are Sixteen Heads Really Better than One?": ``|dL/d xi[l, h]|``
+  for a mask ``xi`` on every head (= ``|sum over tokens of s|``), averaged over batches weighted by
+  their loss tokens, then each layer's row divided by its L2 norm.
 
 The feed-forward knock-out sets the model's ``ffn_mask[l] = 0`` (the block's output is dropped, the
 residual stream passes through) and reports the dataset loss minus the intact model's loss.
 """
+from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Optional
 
 import numpy as np
@@ -22,7 +29,9 @@ from ..backend import jt
 from ..model import token_losses
 from .models import padding_mask
 
-__all__ = ["head_importance", "dataset_loss", "ffn_knockout", "loss_weights"]
+__all__ = ["head_importance", "dataset_loss", "ffn_knockout", "loss_weights", "DEFINITIONS"]
+
+DEFINITIONS = ("llm-interpret", "michel")
 
 
 def loss_weights(batch: dict, tokens: str = "completion") -> np.ndarray:
@@ -52,39 +61,99 @@ def _forward_loss(model, batch, weights, head_mask=None, ffn_mask=None):
     return (losses * jt.array(flat[where])).sum()
 
 
+class _GatedProjection(jt.Module):
+    """Stands in for an attention block's ``c_proj``: multiplies the context (the per-head
+    attention outputs, concatenated) by a gate of ones ``[B, T, H, 1]`` before projecting it.
+
+    The gate changes nothing in the forward pass; its gradient is, per example, position and
+    head, ``sum_d dL/dc * c`` over the head's slice ``c`` of the context: the token-level term
+    both importance definitions are built from.
+    """
+
+    def __init__(self, proj, n_head: int):
+        self._proj, self._n_head, self._gate = proj, n_head, None
+
+    def execute(self, x):
+        b, t, c = x.shape
+        gated = (x.reshape(b, t, self._n_head, c // self._n_head) * self._gate).reshape(b, t, c)
+        return self._proj(gated)
+
+
+@contextmanager
+def _context_gates(model):
+    """Every block's ``attn.c_proj`` wrapped by a :class:`_GatedProjection`, restored on exit."""
+    blocks = list(model.transformer.h)
+    originals = [block.attn.c_proj for block in blocks]
+    wrappers = [_GatedProjection(proj, model.config.n_head) for proj in originals]
+    try:
+        for block, wrapper in zip(blocks, wrappers):
+            block.attn.c_proj = wrapper
+        yield wrappers
+    finally:
+        for block, proj in zip(blocks, originals):
+            block.attn.c_proj = proj
+
+
 def head_importance(model, batches: Iterable[dict], tokens: str = "completion",
-                    progress=None) -> Dict[str, np.ndarray]:
-    """Michel et al. head importance of ``model`` over ``batches``.
+                    definition: str = "llm-interpret", progress=None) -> Dict[str, object]:
+    """Head importance of ``model`` over ``batches``, by either definition (see the module doc).
+
+    Both come from one pass per batch: with ``c`` a head's slice of the attention context and
+    ``g = dL_batch/dc`` (``L_batch`` the batch's mean token loss), the token term is
+    ``s = sum_d g * c``.
+
+    * ``llm-interpret``: ``sum |s|`` over batches, examples and positions; layers ``0 .. L-2``
+      divided by the total of (real length - 1) over the examples, the last layer by the number of
+      loss tokens. No per-layer normalisation.
+    * ``michel``: ``|sum s|`` per batch (= ``|dL_batch/d head_mask|``), weighted by the batch's
+      loss tokens and divided by their total, then each layer's row divided by its L2 norm.
 
     Returns:
-        ``raw`` [L, H]: token-weighted mean over batches of ``|dL_batch/d head_mask|``, where
-        ``L_batch`` is the batch's mean token loss; ``normalized`` [L, H]: each layer's row over
-        its L2 norm; ``loss``: the intact model's mean token loss; ``tokens``: tokens counted.
+        ``importance`` [L, H] (the chosen definition's scores), ``raw`` [L, H] (before the
+        per-layer normalisation; equal to ``importance`` for llm-interpret), ``definition``,
+        ``loss`` (the intact model's mean token loss), ``tokens`` (loss tokens) and
+        ``positions`` (total of real length - 1).
     """
+    if definition not in DEFINITIONS:
+        raise ValueError(f"definition must be one of {list(DEFINITIONS)}, got {definition!r}")
     cfg = model.config
-    acc = np.zeros((cfg.n_layer, cfg.n_head))
-    loss_sum, n_tokens = 0.0, 0.0
-    for batch in batches:
-        weights = loss_weights(batch, tokens)
-        n = float(weights.sum())
-        if n == 0:
+    per_token = np.zeros((cfg.n_layer, cfg.n_head))     # llm-interpret: sum of |s|
+    per_batch = np.zeros((cfg.n_layer, cfg.n_head))     # michel: sum of |sum s| * batch tokens
+    loss_sum, n_tokens, n_positions = 0.0, 0.0, 0.0
+    with _context_gates(model) as gates:
+        for batch in batches:
+            weights = loss_weights(batch, tokens)
+            n = float(weights.sum())
+            if n > 0:
+                b, t = batch["input"].shape
+                for gate in gates:
+                    gate._gate = jt.ones((b, t, cfg.n_head, 1), dtype="float32")
+                total = _forward_loss(model, batch, weights)
+                grads = jt.grad(total / n, [gate._gate for gate in gates])
+                for layer, grad in enumerate(grads):
+                    s = grad.numpy().astype(np.float64)[..., 0]           # [B, T, H]
+                    per_token[layer] += np.abs(s).sum((0, 1))
+                    per_batch[layer] += np.abs(s.sum((0, 1))) * n
+                loss_sum += float(total.item())
+                n_tokens += n
+                n_positions += float(np.maximum(np.asarray(batch["length"]) - 1, 0).sum())
             if progress is not None:
                 progress.update(1)
-            continue
-        head_mask = jt.ones((cfg.n_layer, cfg.n_head), dtype="float32")
-        total = _forward_loss(model, batch, weights, head_mask=head_mask)
-        grad = jt.grad(total / n, head_mask)   # d(mean token loss of the batch)/d mask
-        acc += np.abs(grad.numpy().astype(np.float64)) * n
-        loss_sum += float(total.item())
-        n_tokens += n
-        if progress is not None:
-            progress.update(1)
+        for gate in gates:
+            gate._gate = None
     if n_tokens == 0:
         raise ValueError("no loss tokens in the data (every completion mask is empty)")
-    raw = acc / n_tokens
-    norm = np.linalg.norm(raw, axis=1, keepdims=True)
-    normalized = raw / np.where(norm > 0, norm, 1.0)
-    return {"raw": raw, "normalized": normalized, "loss": loss_sum / n_tokens, "tokens": n_tokens}
+    if definition == "llm-interpret":
+        raw = per_token.copy()
+        raw[:-1] /= n_positions
+        raw[-1] /= n_tokens
+        importance = raw
+    else:
+        raw = per_batch / n_tokens
+        norm = np.linalg.norm(raw, axis=1, keepdims=True)
+        importance = raw / np.where(norm > 0, norm, 1.0)
+    return {"importance": importance, "raw": raw, "definition": definition, "loss": loss_sum / n_tokens,
+            "tokens": n_tokens, "positions": n_positions}
 
 
 def dataset_loss(model, batches: Iterable[dict], tokens: str = "completion", head_mask=None,

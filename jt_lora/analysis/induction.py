@@ -12,16 +12,21 @@ Bansal et al. (2023, OPT-66B) turned both into scores per head; we follow their 
   before, the attention mass on the positions right after its earlier occurrences; averaged over
   those positions (0 = never, 1 = all attention there).
 * Copying: one sequence of ``copy_len`` distinct random tokens (not repeated). At each position
-  ``j >= 1`` the head's own output (its attention-weighted values through its rows of ``c_proj``) is
-  read through the unembedding; over the tokens in context (positions ``0..j``) the softmax
-  probabilities are centred on their mean, negative values set to zero, and the score is the share
-  of the most-attended token. 1 = the head raises exactly what it attends to.
+  ``j >= 1`` a head's output vector is read through the unembedding (no final LayerNorm: a direct
+  logit attribution); over the tokens in context (positions ``0..j``) the softmax probabilities are
+  centred on their mean, negative values set to zero, and the score is the share of the token at the
+  head's most-attended position; averaged over ``j``. Two variants (``definition=``):
 
-  Difference from Bansal et al.'s script: it reads the unembedding of the value at position ``j``
-  (the current token) rather than the head's attention-weighted output; we score what the head
-  actually writes. Like them we skip the final LayerNorm (a direct logit attribution). The softmax
-  normaliser cancels in the ratio, so only the in-context logits are computed, never the full
-  vocabulary.
+  - ``llm-interpret`` (default), as Bansal et al.'s ``prefix_matching_copying.py``: every layer's
+    heads are fed the LayerNorm of the *embeddings* (token + position; the script never passes the
+    residual stream on from layer to layer), both for their attention pattern and their values; the
+    output vector at ``j`` is the head's value *at position j* (not attention-weighted) through its
+    rows of ``c_proj``, *with* ``c_proj``'s bias.
+  - ``actual-output``: what the head really writes in the model: its attention-weighted values,
+    computed on the model's own residual stream, through its rows of ``c_proj``, without the bias.
+
+  The softmax normaliser over the vocabulary cancels in the ratio, so only the in-context logits are
+  computed (the script's full-vocabulary softmax gives the same ratio up to rounding).
 """
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -30,7 +35,10 @@ import numpy as np
 from ..backend import jt
 
 __all__ = ["token_pool", "random_token_sequences", "repeat_sequences", "prefix_matching_targets",
-           "head_outputs", "prefix_matching_scores", "copying_scores", "induction_scores"]
+           "head_outputs", "embedding_head_values", "prefix_matching_scores", "copying_scores",
+           "induction_scores", "COPYING_DEFINITIONS"]
+
+COPYING_DEFINITIONS = ("llm-interpret", "actual-output")
 
 
 def token_pool(vocab_size: int, exclude_ratio: float = 0.04, bos_id: Optional[int] = None) -> np.ndarray:
@@ -79,16 +87,11 @@ def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.
     tr = model.transformer
     b, t = input_ids.shape
     n_head, width = model.config.n_head, model.config.n_embd
-    d = width // n_head
     ids = jt.array(input_ids.astype(np.int32))
     with jt.no_grad():
         x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
         bias_mask = causal_mask(t, 0)
-        # one_hot[h] keeps head h's D features of the concatenated [H*D] attention output
-        one_hot = np.zeros((n_head, 1, 1, width), dtype=np.float32)
-        for h in range(n_head):
-            one_hot[h, ..., h * d:(h + 1) * d] = 1.0
-        one_hot = jt.array(one_hot)
+        one_hot = _head_one_hot(n_head, width)
         for block in tr.h:
             attn = block.attn
             v = attn._split(attn.c_attn(block.ln_1(x))[:, :, 2 * width:3 * width])   # [B, H, T, D]
@@ -98,6 +101,39 @@ def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.
             per_head = per_head - attn.c_proj(jt.zeros((1, 1, width), dtype="float32"))
             yield probs.numpy(), per_head.reshape(n_head, b, t, width).transpose(1, 0, 2, 3).numpy()
             x = x_next
+
+
+def _head_one_hot(n_head: int, width: int):
+    """[H, 1, 1, C]: row h keeps head h's D features of the concatenated [H*D] context."""
+    d = width // n_head
+    one_hot = np.zeros((n_head, 1, 1, width), dtype=np.float32)
+    for h in range(n_head):
+        one_hot[h, ..., h * d:(h + 1) * d] = 1.0
+    return jt.array(one_hot)
+
+
+def embedding_head_values(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Per layer, as llm-interpret's copying score reads a head: attention probabilities
+    [B, H, T, T] and output vectors [B, H, T, C], both computed from ``ln_1`` of the token +
+    position embeddings (not the residual stream); the output at ``j`` is the head's value at ``j``
+    through its rows of ``c_proj``, bias included."""
+    from ..model import causal_mask
+
+    tr = model.transformer
+    b, t = input_ids.shape
+    n_head, width = model.config.n_head, model.config.n_embd
+    ids = jt.array(input_ids.astype(np.int32))
+    with jt.no_grad():
+        x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
+        bias_mask = causal_mask(t, 0)
+        one_hot = _head_one_hot(n_head, width)
+        for block in tr.h:
+            attn = block.attn
+            hs = block.ln_1(x)
+            _, _, probs = attn(hs, None, bias_mask, None, True)                        # [B, H, T, T]
+            v = attn.c_attn(hs)[:, :, 2 * width:3 * width].reshape(1, b, t, width)    # [1, B, T, C]
+            per_head = attn.c_proj((v * one_hot).reshape(n_head * b, t, width))       # bias included
+            yield probs.numpy(), per_head.reshape(n_head, b, t, width).transpose(1, 0, 2, 3).numpy()
 
 
 def prefix_matching_scores(model, tokens: np.ndarray) -> np.ndarray:
@@ -117,18 +153,21 @@ def prefix_matching_scores(model, tokens: np.ndarray) -> np.ndarray:
     return np.stack(scores, axis=1)
 
 
-def copying_scores(model, tokens: np.ndarray) -> np.ndarray:
+def copying_scores(model, tokens: np.ndarray, definition: str = "llm-interpret") -> np.ndarray:
     """[N, T] sequences -> [N, L, H]: per sequence, the mean over positions ``j >= 1`` of the
-    most-attended token's share of the raised in-context probabilities (see the module doc)."""
+    most-attended token's share of the raised in-context probabilities (see the module doc for the
+    two ``definition`` s)."""
     n, t = tokens.shape
     if t < 2:
         raise ValueError("copying needs sequences of at least 2 tokens")
-    wte = model.transformer.wte.weight.numpy()
-    embed = wte[tokens]                                       # [N, T(k), C]
+    if definition not in COPYING_DEFINITIONS:
+        raise ValueError(f"copying definition must be one of {list(COPYING_DEFINITIONS)}, got {definition!r}")
+    heads = embedding_head_values if definition == "llm-interpret" else head_outputs
+    embed = model.transformer.wte.weight.numpy()[tokens].astype(np.float64)   # [N, T(k), C]
     allowed = np.tril(np.ones((t, t), dtype=bool))[None, None]  # [1, 1, j, k]: k attendable from j
     scores = []
-    for probs, outs in head_outputs(model, tokens):           # [N, H, T, T], [N, H, T, C]
-        logits = np.einsum("nhjc,nkc->nhjk", outs, embed)      # in-context logits at each position
+    for probs, outs in heads(model, tokens):                  # [N, H, T, T], [N, H, T, C]
+        logits = np.einsum("nhjc,nkc->nhjk", outs.astype(np.float64), embed)   # in-context logits
         logits = np.where(allowed, logits, -np.inf)
         e = np.exp(logits - logits.max(-1, keepdims=True))    # softmax up to a per-row factor
         mean = e.sum(-1, keepdims=True) / np.arange(1, t + 1)[None, None, :, None]
@@ -143,7 +182,7 @@ def copying_scores(model, tokens: np.ndarray) -> np.ndarray:
 def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repeats: int = 4,
                      copy_len: Optional[int] = None, exclude_ratio: float = 0.04,
                      bos_id: Optional[int] = None, seed: int = 0, batch_size: int = 4,
-                     progress=None) -> Dict[str, np.ndarray]:
+                     copying: str = "llm-interpret", progress=None) -> Dict[str, np.ndarray]:
     """Prefix-matching and copying scores of every head of ``model``.
 
     Args:
@@ -152,6 +191,7 @@ def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repe
         copy_len: length of the unrepeated copying sequences (default ``segment_len * repeats``).
         exclude_ratio: share of the lowest and of the highest token ids left out of the pool.
         bos_id: token put first in every sequence (GPT-2: 50256), or None.
+        copying: ``"llm-interpret"`` (the script's definition) or ``"actual-output"``.
         progress: an optional tqdm bar advanced once per batch.
 
     Returns:
@@ -173,7 +213,7 @@ def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repe
     prefix, copying = [], []
     for start in range(0, num_sequences, batch_size):
         prefix.append(prefix_matching_scores(model, repeated[start:start + batch_size]))
-        copying.append(copying_scores(model, plain[start:start + batch_size]))
+        copying.append(copying_scores(model, plain[start:start + batch_size], copying))
         if progress is not None:
             progress.update(1)
     return {"prefix_matching": np.concatenate(prefix), "copying": np.concatenate(copying),
