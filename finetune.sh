@@ -5,11 +5,16 @@
 #   ./finetune.sh --adapter ia3 --lr 3e-3
 # Environment: DATA_DIR (prepared JSONL, default data/e2e_prepared), CKPT (base weights,
 # default pretrained_checkpoints/gpt2-medium-pytorch_model.bin), NPROC (data-parallel processes via
-# mpirun, default 1), PYTHON (default .venv/bin/python when present).
+# mpirun, default 1), PYTHON (default .venv/bin/python when present, else python3). --help shows all.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
+if [ -n "${PYTHON:-}" ]; then
+  PY="$PYTHON"
+elif [ -x "$ROOT/.venv/bin/python" ]; then
+  PY="$ROOT/.venv/bin/python"
+else
+  PY=python3
+fi
 DATA_DIR="${DATA_DIR:-$ROOT/data/e2e_prepared}"
 CKPT="${CKPT:-$ROOT/pretrained_checkpoints/gpt2-medium-pytorch_model.bin}"
 NPROC="${NPROC:-1}"
@@ -43,6 +48,34 @@ args=(
   --random_seed 110
 )
 cd "$ROOT"
+for a in "$@"; do
+  if [ "$a" = "-h" ] || [ "$a" = "--help" ]; then
+    cat <<EOF
+usage: finetune.sh [FLAG VALUE ...]     (flags of python -m jt_lora.train; a flag given again wins)
+
+Fine-tunes GPT-2 on E2E with the LoRA paper's GPT-2 M recipe (microsoft/LoRA's gpt2_ft.py command).
+
+Environment:
+  DATA_DIR  prepared E2E JSONL directory        (now: $DATA_DIR)
+  CKPT      base GPT-2 weights                  (now: $CKPT)
+  NPROC     data-parallel processes via mpirun  (now: $NPROC)
+  PYTHON    interpreter                         (now: $PY)
+
+Flags passed by default:
+EOF
+    i=0
+    while [ "$i" -lt "${#args[@]}" ]; do
+      next="${args[$((i + 1))]:-}"
+      if [ -n "$next" ] && [ "${next#--}" = "$next" ]; then
+        printf '  %s %s\n' "${args[$i]}" "$next"; i=$((i + 2))
+      else
+        printf '  %s\n' "${args[$i]}"; i=$((i + 1))
+      fi
+    done
+    printf '\nA work_dir holds one run: --resume continues it, --overwrite starts afresh (moves the old run aside).\n\n'
+    exec "$PY" -m jt_lora.train --help
+  fi
+done
 if [ "$NPROC" -gt 1 ]; then
   exec mpirun --allow-run-as-root -np "$NPROC" "$PY" -m jt_lora.train "${args[@]}" "$@"
 fi

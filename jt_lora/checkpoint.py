@@ -106,7 +106,8 @@ def _architecture(state, hf_config, path, need_heads: bool = True) -> dict:
     if not need_heads:
         return arch
     if width not in _HEADS_BY_WIDTH:
-        raise CheckpointError(f"{path}: n_embd={width} has no standard head count; pass a config")
+        raise CheckpointError(f"{path}: n_embd={width} has no standard head count; pass --n_head "
+                              "(from Python: n_head=... or config=GPT2Config(...))")
     return {**arch, "n_head": _HEADS_BY_WIDTH[width]}
 
 
@@ -137,7 +138,12 @@ def load_gpt2_checkpoint(cls, path, config=None, strict: bool = True, **override
 
     raw, hf_config = read_state_dict(path)
     state = normalize_gpt2_keys(raw)
-    arch = _architecture(state, hf_config, path, need_heads=config is None)
+    arch = _architecture(state, hf_config, path, need_heads=config is None and "n_head" not in overrides)
+    # The checkpoint decides the shape: an override may only fill in what it cannot tell (n_head).
+    clash = [f"{k}: checkpoint {arch[k]} vs given {overrides[k]}" for k in arch
+             if k in overrides and overrides[k] != arch[k]]
+    if clash:
+        raise CheckpointError(f"{path}: shape given does not match the checkpoint: " + ", ".join(clash))
     if config is None:
         config = GPT2Config(**{**arch, **overrides})
     else:

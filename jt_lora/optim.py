@@ -102,7 +102,7 @@ class AdamW:
         missing = [n for n in self.names if f"exp_avg.{n}" not in state]
         if missing:
             raise ValueError(f"optimizer state lacks parameters {missing}")
-        self.step_count = int(state["step_count"])
+        self.step_count = int(np.asarray(state["step_count"]).reshape(-1)[0])  # stored as a 1-element tensor
         for i, n in enumerate(self.names):
             self.exp_avg[i].update(jt.array(state[f"exp_avg.{n}"]))
             self.exp_avg_sq[i].update(jt.array(state[f"exp_avg_sq.{n}"]))

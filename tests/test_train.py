@@ -205,8 +205,27 @@ def test_two_mpi_processes_equal_one_process_with_the_same_global_batch(data, ba
         np.testing.assert_allclose(a[k], b[k], atol=1e-5)
 
 
+def _finetune_sh(*args, **env):
+    """finetune.sh with this interpreter (not whatever python3 is on PATH when .venv is missing)."""
+    return _run(["bash", "finetune.sh", *args], env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_finetune_sh_help_prints_its_usage_then_the_trainers(tmp_path):
+    proc = _finetune_sh("--help", DATA_DIR=str(tmp_path / "data"), CKPT=str(tmp_path / "base.bin"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.startswith("usage: finetune.sh")
+    for name in ("DATA_DIR", "CKPT", "NPROC", "PYTHON"):
+        assert f"  {name} " in out
+    assert f"(now: {sys.executable})" in out and f"--train_data {tmp_path}/data/train.jsonl" in out
+    assert "  --lr 0.0002\n" in out and "  --correct_bias\n" in out
+    assert out.index("usage: python -m jt_lora.train") > out.index("Flags passed by default")
+    assert "(default: None)" not in out
+    assert os.listdir(tmp_path) == []  # nothing created
+
+
 def test_finetune_sh_defaults_are_the_paper_recipe_and_overridable():
-    proc = _run(["bash", "finetune.sh", "--dry_run"])
+    proc = _finetune_sh("--dry_run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     args = json.loads(proc.stdout.strip().splitlines()[-1])["args"]
     expected = dict(lr=2e-4, weight_decay=0.01, correct_bias=True, adam_beta1=0.9, adam_beta2=0.999,
@@ -215,8 +234,7 @@ def test_finetune_sh_defaults_are_the_paper_recipe_and_overridable():
                     seq_len=512, adapter="lora", clip=0.0, grad_acc=1)
     assert {k: args[k] for k in expected} == expected
     assert args["init_checkpoint"].endswith("pretrained_checkpoints/gpt2-medium-pytorch_model.bin")
-    proc = _run(["bash", "finetune.sh", "--dry_run", "--adapter", "ina", "--lora_inhibition", "0.1",
-                 "--no-correct_bias", "--lr", "1e-3"])
+    proc = _finetune_sh("--dry_run", "--adapter", "ina", "--lora_inhibition", "0.1", "--no-correct_bias", "--lr", "1e-3")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (out["args"]["adapter"], out["args"]["correct_bias"], out["args"]["lr"]) == ("ina", False, 1e-3)
     assert out["model_config"]["lora_inhibition"] == 0.1
