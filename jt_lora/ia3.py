@@ -3,9 +3,11 @@
 On GPT-2, ``c_attn`` keeps q as it is and rescales k and v
 (``enable_ia3=(False, True, True)``), and ``mlp.c_proj`` rescales its input,
 the feed-forward activation (``feedforward=True``). Vectors start at ones, so
-step 0 equals the base model. Both kinds merge exactly into the weight: an
+step 0 equals the base model. Both kinds merge into the weight: an
 output-side vector scales the weight's output columns and the bias, an
-input-side one the weight's input rows.
+input-side one the weight's input rows. Unmerging restores the weight and
+bias saved at merge time instead of dividing by the vector, so eval()/train()
+cycles never move the frozen tensors (dividing drifts by rounding each cycle).
 """
 import math
 from typing import Sequence
@@ -14,13 +16,13 @@ import numpy as np
 
 from .backend import jt, nn
 from .kernels import dense, scale_last_dim
-from .lora import kaiming_uniform
+from .lora import ExactMerge, kaiming_uniform
 from .modes import AdapterModule, assign_keep_trainable
 
 __all__ = ["IA3Linear"]
 
 
-class IA3Linear(AdapterModule):
+class IA3Linear(ExactMerge, AdapterModule):
     """A dense (optionally fused) projection with (IA)³ scaling.
 
     Args:
@@ -64,9 +66,7 @@ class IA3Linear(AdapterModule):
                 parts.append(jt.ones((self._part,), dtype=self.ia3_l.dtype))
         return jt.concat(parts, dim=0)
 
-    def _scaled(self, weight, bias, vec, inverse: bool):
-        if inverse:
-            vec = 1.0 / vec
+    def _scaled(self, weight, bias, vec):
         out_axis = 1 if self.fan_in_fan_out else 0
         axis = 1 - out_axis if self.feedforward else out_axis
         shape = [1, 1]
@@ -77,15 +77,18 @@ class IA3Linear(AdapterModule):
         return weight, bias
 
     def merge(self):
+        """Fold the vector into the weight (and bias), keeping the unmerged tensors (idempotent)."""
         if self.merged:
             return
-        self._assign(*self._scaled(self.weight, self.bias, self.scale_vector(), inverse=False))
+        self._save_unmerged()
+        self._assign(*self._scaled(self.weight, self.bias, self.scale_vector()))
         self.merged = True
 
     def unmerge(self):
+        """Put back the tensors saved by ``merge``: bit-identical to before (idempotent)."""
         if not self.merged:
             return
-        self._assign(*self._scaled(self.weight, self.bias, self.scale_vector(), inverse=True))
+        self._restore_unmerged()
         self.merged = False
 
     def _assign(self, weight, bias):

@@ -8,8 +8,13 @@ keeps GPT-2's Conv1D layout ``[in, out]``), ``lora_A`` starts kaiming-uniform,
 ``train()`` takes it out again.
 
 InA replaces the low-rank path ``B·A·x`` with
-``B·leaky_relu(A·x - inhibition·max_rank(A·x))``: non-linear, so a layer with
-inhibition > 0 never merges; asking it to raises.
+``B·leaky_relu(A·x - inhibition·max_rank(A·x), 0.01)``, the InA reference's
+formula (it subtracts, with torch's default slope): non-linear, so a layer
+with inhibition > 0 never merges; asking it to raises.
+
+Merging keeps a host copy of the unmerged weight and unmerging restores it,
+so any number of eval()/train() cycles leaves the frozen weight bit-identical
+(subtracting the update again is not exact in floating point).
 """
 import math
 from typing import Optional, Sequence
@@ -20,7 +25,13 @@ from .backend import jt, nn
 from .kernels import dense
 from .modes import AdapterModule, assign_keep_trainable
 
-__all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "InhibitionGate", "kaiming_uniform"]
+__all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "InhibitionGate", "kaiming_uniform",
+           "INA_SLOPE", "LEGACY_INA_SLOPE", "ExactMerge"]
+
+# torch's leaky_relu default, which the InA reference code uses.
+INA_SLOPE = 0.01
+# The slope jt_lora used before it recorded the slope in adapter files: files without it were trained so.
+LEGACY_INA_SLOPE = 0.1
 
 
 def kaiming_uniform(shape, fan_in: int) -> "jt.Var":
@@ -32,17 +43,19 @@ def kaiming_uniform(shape, fan_in: int) -> "jt.Var":
 class InhibitionGate:
     """Shunting inhibition on the rank dimension of ``A·x`` (InA).
 
-    Each token's activations ``h`` (one group of ``r`` per adapted part) become
-    ``leaky_relu(h - inhibition * max(h), negative_slope)``. ``sign=+1``
-    reproduces the InA reference code, which adds the scaled maximum instead.
+    Each token's activations ``h`` become ``leaky_relu(h - inhibition * max(h), negative_slope)``,
+    the max taken over each group of ``r`` (one group per adapted part of a fused layer; a plain
+    layer is one group). The InA reference subtracts the scaled max and uses torch's default
+    slope 0.01; inhibition 0 is the identity (plain LoRA), as there.
     """
 
-    def __init__(self, inhibition: float, negative_slope: float = 0.1, sign: int = -1):
+    def __init__(self, inhibition: float, negative_slope: float = INA_SLOPE):
         if not 0.0 <= inhibition < 1.0:
             raise ValueError(f"lora_inhibition must be in [0, 1), got {inhibition}")
+        if not 0.0 <= negative_slope < 1.0:
+            raise ValueError(f"lora_inhibition_slope must be in [0, 1), got {negative_slope}")
         self.inhibition = float(inhibition)
         self.negative_slope = float(negative_slope)
-        self.sign = sign
 
     def __call__(self, h: "jt.Var", groups: int) -> "jt.Var":
         if self.inhibition == 0.0:
@@ -50,21 +63,43 @@ class InhibitionGate:
         shape = h.shape  # [..., groups * r]
         g = h.reshape(shape[:-1] + (groups, shape[-1] // groups))
         peak = g.max(dim=-1, keepdims=True)
-        g = nn.leaky_relu(g + self.sign * self.inhibition * peak, self.negative_slope)
+        g = nn.leaky_relu(g - self.inhibition * peak, self.negative_slope)
         return g.reshape(shape)
 
 
-class LoRALayer(AdapterModule):
+class ExactMerge:
+    """Merge/unmerge bookkeeping shared by the native adapter layers.
+
+    ``merge`` saves the weight (and bias) as host arrays before folding the adapter in;
+    ``unmerge`` puts those arrays back, so the frozen tensors are bit-identical after any number
+    of cycles. The copy lives only while merged (eval mode): the extra memory is one copy of
+    each merged layer's weight, released by ``train()``.
+    """
+
+    def _save_unmerged(self):
+        self._unmerged = (self.weight.numpy().copy(),
+                          None if getattr(self, "bias", None) is None else self.bias.numpy().copy())
+
+    def _restore_unmerged(self):
+        weight, bias = self._unmerged
+        assign_keep_trainable(self.weight, weight)
+        if bias is not None:
+            assign_keep_trainable(self.bias, bias)
+        self._unmerged = None
+
+
+class LoRALayer(ExactMerge, AdapterModule):
     """State shared by every LoRA layer (loralib's ``LoRALayer``)."""
 
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float,
-                   merge_weights: Optional[bool], lora_inhibition: float = 0.0):
+                   merge_weights: Optional[bool], lora_inhibition: float = 0.0,
+                   lora_inhibition_slope: float = INA_SLOPE):
         if r < 0:
             raise ValueError(f"r must be >= 0, got {r}")
         self.r = int(r)
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
-        self.gate = InhibitionGate(lora_inhibition)
+        self.gate = InhibitionGate(lora_inhibition, lora_inhibition_slope)
         self.scaling = lora_alpha / r if r > 0 else 0.0
         if merge_weights is None:
             merge_weights = lora_inhibition == 0.0
@@ -94,14 +129,15 @@ class LoRALayer(AdapterModule):
         if self.merged or self.r == 0:
             return
         self._check_mergeable()
+        self._save_unmerged()
         self._set_weight(self.weight + self.delta_weight())
         self.merged = True
 
     def unmerge(self):
-        """Take the low-rank update out of the weight again (idempotent)."""
+        """Restore the weight saved by ``merge`` (idempotent; exact, unlike subtracting the update)."""
         if not self.merged:
             return
-        self._set_weight(self.weight - self.delta_weight())
+        self._restore_unmerged()
         self.merged = False
 
     def _sync_mode(self):
@@ -141,13 +177,15 @@ class Linear(LoRALayer):
         fan_in_fan_out: weight stored as ``[in, out]`` (GPT-2 Conv1D) instead of ``[out, in]``.
         merge_weights: merge on eval()/unmerge on train(); default True unless InA.
         lora_inhibition: InA inhibition level in [0, 1).
+        lora_inhibition_slope: InA's leaky-ReLU negative slope (0.01, the InA reference's).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
-                 merge_weights: Optional[bool] = None, lora_inhibition: float = 0.0, bias: bool = True):
+                 merge_weights: Optional[bool] = None, lora_inhibition: float = 0.0, bias: bool = True,
+                 lora_inhibition_slope: float = INA_SLOPE):
         self._init_dense(in_features, out_features, fan_in_fan_out, bias)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition, lora_inhibition_slope)
         if r > 0:
             self.lora_A = kaiming_uniform((r, in_features), in_features)
             self.lora_B = jt.zeros((out_features, r), dtype="float32")
@@ -202,19 +240,23 @@ class MergedLinear(LoRALayer):
     ``lora_B`` as ``[out_part·n_enabled, r]``, loralib's grouped layout, so
     microsoft/LoRA checkpoints load as they are.
 
+    With InA the gate's max is taken per enabled part (each part's own rank-``r`` group). The InA
+    reference adapts GPT-2's fused ``c_attn`` as one module and takes the max over its whole rank;
+    a ``Linear`` (or ``enable_lora=(True,)``) on ``c_attn`` is that layer.
+
     Args: as ``Linear``, plus ``enable_lora`` (tuple of bools, one per part).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
                  fan_in_fan_out: bool = False, merge_weights: Optional[bool] = None,
-                 lora_inhibition: float = 0.0, bias: bool = True):
+                 lora_inhibition: float = 0.0, bias: bool = True, lora_inhibition_slope: float = INA_SLOPE):
         enable_lora = tuple(bool(e) for e in enable_lora)
         if out_features % len(enable_lora) != 0:
             raise ValueError(f"out_features={out_features} is not divisible into {len(enable_lora)} parts")
         self._init_dense(in_features, out_features, fan_in_fan_out, bias)
         self.enable_lora = enable_lora
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition, lora_inhibition_slope)
         self._groups = sum(enable_lora)
         self._part = out_features // len(enable_lora)
         if r > 0 and self._groups > 0:

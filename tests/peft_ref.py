@@ -88,7 +88,8 @@ def ms_checkpoint(job, base_dir, ids, facts):
             B = torch.randn(n * 2, r, generator=g) * 0.3
             ms[f"module.transformer.h.{i}.attn.c_attn.lora_A"] = A
             ms[f"module.transformer.h.{i}.attn.c_attn.lora_B"] = B
-            model.transformer.h[i].attn.c_attn.weight += loralib_merged_delta(A, B, enable, alpha / r).t()
+            delta = loralib_merged_delta(A, B, enable, alpha / r, fan_in_fan_out=True)  # Conv1D [in, out]
+            model.transformer.h[i].attn.c_attn.weight += delta
     torch.save({"model_state_dict": ms}, job["out"])
     return _logits(model, ids)
 

@@ -14,16 +14,19 @@ import torch.nn.functional as F
 TINY = dict(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=4)
 
 
-def loralib_merged_delta(A, B, enable, scaling):
-    """loralib MergedLinear's update, [out, in], via its grouped conv1d."""
-    groups = sum(enable)
-    d = F.conv1d(A.unsqueeze(0), B.unsqueeze(-1), groups=groups).squeeze(0)  # [part*groups, in]
-    part = d.shape[0] // groups
-    out = torch.zeros(part * len(enable), A.shape[1], dtype=A.dtype)
-    mask = torch.zeros(len(enable), part, dtype=torch.bool)
-    mask[torch.tensor(enable)] = True
-    out[mask.view(-1)] = d
-    return out * scaling
+def loralib_merged_delta(A, B, enable, scaling, fan_in_fan_out=False):
+    """The update PyPI loralib's MergedLinear folds into its weight on eval(), in its weight layout."""
+    import loralib
+    r = A.shape[0] // sum(enable)
+    part = B.shape[0] // sum(enable)
+    layer = loralib.MergedLinear(A.shape[1], part * len(enable), r=r, lora_alpha=scaling * r,
+                                 enable_lora=list(enable), fan_in_fan_out=fan_in_fan_out)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+    layer.eval()
+    return layer.weight.detach().clone()
 
 
 def make_gpt2(inp, out: Path):
@@ -60,7 +63,7 @@ def make_gpt2(inp, out: Path):
             ms[f"module.transformer.h.{i}.attn.c_attn.lora_A"] = A
             ms[f"module.transformer.h.{i}.attn.c_attn.lora_B"] = B
             w = model.transformer.h[i].attn.c_attn.weight  # Conv1D [in, out]
-            w += loralib_merged_delta(A, B, enable, alpha / r).t()
+            w += loralib_merged_delta(A, B, enable, alpha / r, fan_in_fan_out=True)
     torch.save({"model_state_dict": ms}, out / "ms_lora.pt")
     results["lora"] = model(ids).logits.detach().numpy()
     # Legacy OpenAI-style names (.g/.b/.w) with a plain transformer. prefix.
@@ -78,36 +81,94 @@ def make_gpt2(inp, out: Path):
     np.savez(out / "logits.npz", **results)
 
 
+def _ina_module(x, A, B, inhibition, scaling):
+    """One adapted module as the InA reference computes its low-rank path (its patched PEFT LoRA
+    layer): h = lora_A(x); m = max of h over the rank; lora_B(leaky_relu(h - m*inhibition)) * scaling,
+    leaky_relu at torch's default slope; inhibition 0 is plain LoRA."""
+    h = x @ A.t()
+    if inhibition > 0:
+        m = h.max(dim=-1, keepdim=True).values
+        h = F.leaky_relu(h - m * inhibition)
+    return (h @ B.t()) * scaling
+
+
 def ina(inp, out: Path):
-    """InA low-rank path and its gradients, straight from the formula."""
-    x = torch.tensor(inp["x"], requires_grad=False)
+    """InA's low-rank path and its gradients. ``modules``: how lora_A's rows / the output's columns
+    split into separately adapted modules (one module: the reference on a whole layer; several: the
+    reference applied to each part, e.g. q and v as their own modules; a part with no rows is not
+    adapted)."""
+    x = torch.tensor(inp["x"])
     A = torch.tensor(inp["A"], requires_grad=True)
     B = torch.tensor(inp["B"], requires_grad=True)
     G = torch.tensor(inp["G"])
-    groups, inh, scaling = int(inp["groups"]), float(inp["inhibition"]), float(inp["scaling"])
-    enable = [bool(e) for e in inp["enable"]]
-    h = x @ A.t()  # [N, r*groups]
-    n, rg = h.shape
-    hg = h.view(n, groups, rg // groups)
-    peak = hg.max(dim=-1, keepdim=True).values
-    hg = F.leaky_relu(hg - inh * peak, negative_slope=0.1)
-    h = hg.view(n, rg)
-    # grouped B back into the full output (q|k|v), zero on disabled parts
-    part = B.shape[0] // groups
-    r = rg // groups
-    outs, gi = [], 0
-    for e in enable:
-        if e:
-            outs.append(h[:, gi * r:(gi + 1) * r] @ B[gi * part:(gi + 1) * part].t())
-            gi += 1
-        else:
-            outs.append(torch.zeros(n, part))
-    y = torch.cat(outs, dim=1) * scaling
+    inh, scaling = float(inp["inhibition"]), float(inp["scaling"])
+    rows = [int(v) for v in inp["rank_rows"]]     # rank rows of lora_A per output part (0: not adapted)
+    part = G.shape[1] // len(rows)
+    outs, a0, b0 = [], 0, 0
+    for r in rows:
+        if r == 0:
+            outs.append(torch.zeros(x.shape[0], part))
+            continue
+        outs.append(_ina_module(x, A[a0:a0 + r], B[b0:b0 + part], inh, scaling))
+        a0, b0 = a0 + r, b0 + part
+    y = torch.cat(outs, dim=1)
     (y * G).sum().backward()
     np.savez(out / "ina.npz", y=y.detach().numpy(), dA=A.grad.numpy(), dB=B.grad.numpy())
+
+
+def loralib_layers(inp, out: Path):
+    """PyPI loralib's Linear, MergedLinear and Embedding with given weights: train-mode output, then
+    eval(): merged weight and output; plus what its helpers select on a small net."""
+    import loralib
+    res = {}
+    x = torch.tensor(inp["x"])
+    for ffo in (0, 1):
+        lin = loralib.Linear(8, 6, r=2, lora_alpha=4, fan_in_fan_out=bool(ffo))
+        merged = loralib.MergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True],
+                                      fan_in_fan_out=bool(ffo))
+        for name, layer in (("linear", lin), ("merged", merged)):
+            key = f"{name}{ffo}"
+            with torch.no_grad():
+                layer.weight.copy_(torch.tensor(inp[f"{key}_weight"]))
+                layer.bias.copy_(torch.tensor(inp[f"{key}_bias"]))
+                layer.lora_A.copy_(torch.tensor(inp[f"{key}_A"]))
+                layer.lora_B.copy_(torch.tensor(inp[f"{key}_B"]))
+                layer.train()
+                res[f"{key}_train"] = layer(x).numpy()
+                layer.eval()
+                res[f"{key}_eval"] = layer(x).numpy()
+                res[f"{key}_merged_weight"] = layer.weight.numpy().copy()
+    emb = loralib.Embedding(10, 6, r=2, lora_alpha=4)
+    ids = torch.tensor(inp["ids"], dtype=torch.long)
+    with torch.no_grad():
+        emb.weight.copy_(torch.tensor(inp["emb_weight"]))
+        emb.lora_A.copy_(torch.tensor(inp["emb_A"]))
+        emb.lora_B.copy_(torch.tensor(inp["emb_B"]))
+        emb.train()
+        res["emb_train"] = emb(ids).numpy()
+        emb.eval()
+        res["emb_eval"] = emb(ids).numpy()
+        res["emb_merged_weight"] = emb.weight.numpy().copy()
+    np.savez(out / "loralib.npz", **res)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = loralib.MergedLinear(8, 12, r=2, enable_lora=[True, False, True], fan_in_fan_out=True)
+            self.lin = loralib.Linear(12, 6, r=2)
+            self.other = torch.nn.Linear(6, 4)
+            self.emb = loralib.Embedding(10, 8, r=2)
+
+    select = {}
+    for bias in ("none", "lora_only", "all"):
+        net = Net()
+        loralib.mark_only_lora_as_trainable(net, bias=bias)
+        select[bias] = {"trainable": sorted(n for n, p in net.named_parameters() if p.requires_grad),
+                        "state_dict": sorted(loralib.lora_state_dict(net, bias=bias))}
+    (out / "loralib_select.json").write_text(json.dumps(select))
 
 
 if __name__ == "__main__":
     mode, inp_file, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     out_dir.mkdir(parents=True, exist_ok=True)
-    {"gpt2": make_gpt2, "ina": ina}[mode](dict(np.load(inp_file)), out_dir)
+    {"gpt2": make_gpt2, "ina": ina, "loralib": loralib_layers}[mode](dict(np.load(inp_file)), out_dir)
