@@ -34,7 +34,7 @@ if [ -z "$CKPT" ]; then
   step "2/4 fine-tuning: $ADAPTER on a tiny RANDOMLY INITIALISED GPT-2 (a pipeline demo)"
   "$PY" -m jt_lora.train --train_data "$WORK/data/train.jsonl" --valid_data "$WORK/data/valid_demo.jsonl" \
     --model_card gpt2.sm --n_layer 2 --n_embd 128 --n_head 4 --adapter "$ADAPTER" \
-    --lora_dim 8 --lora_alpha 32 --lora_dropout 0.1 --lora_inhibition 0.3 \
+    --lora_dim 8 --lora_alpha 32 --lora_dropout 0.1 $([ "$ADAPTER" = ina ] && echo --lora_inhibition 0.3) \
     --train_batch_size 8 --seq_len 512 --lr 0.01 --weight_decay 0.01 --correct_bias --adam_beta2 0.999 \
     --scheduler linear --warmup_step 20 --max_epoch 4 --label_smooth 0.1 \
     --log_interval 10 --eval_interval 50 --save_interval 50 --random_seed 110 \
