@@ -16,7 +16,7 @@ from .backend import jt, nn
 from .decode_cache import DecodeCache
 from .ia3 import IA3Linear
 from .kernels import attention_softmax, batched_matmul, fast_path_available
-from .lora import Linear, MergedLinear
+from .lora import INA_SLOPE, Linear, MergedLinear
 from .modes import AdapterModule
 
 __all__ = ["GPT2Config", "GPT2LMModel", "MODEL_CARDS", "ADAPTERS", "causal_mask", "lm_loss", "token_losses"]
@@ -50,6 +50,7 @@ class GPT2Config:
     lora_attn_alpha: float = 32.0
     lora_dropout: float = 0.1
     lora_inhibition: float = 0.0      # InA level in [0, 1); "ina" needs > 0 to differ from LoRA
+    lora_inhibition_slope: float = INA_SLOPE  # InA's leaky-ReLU slope (the InA code's, torch's default)
     lora_enable: Tuple[bool, ...] = (True, False, True)   # q, k, v parts of c_attn
     ia3_enable: Tuple[bool, ...] = (False, True, True)    # (IA)3 rescales k and v ...
     ia3_feedforward: bool = True                          # ... and the input of mlp.c_proj
@@ -64,6 +65,8 @@ class GPT2Config:
             raise ValueError(f"lora_attn_dim (r) must be > 0 for adapter={self.adapter!r}")
         if not 0.0 <= self.lora_inhibition < 1.0:
             raise ValueError(f"lora_inhibition must be in [0, 1), got {self.lora_inhibition}")
+        if not 0.0 <= self.lora_inhibition_slope < 1.0:
+            raise ValueError(f"lora_inhibition_slope must be in [0, 1), got {self.lora_inhibition_slope}")
         self.lora_enable = tuple(self.lora_enable)
         self.ia3_enable = tuple(self.ia3_enable)
 
@@ -110,6 +113,7 @@ def _c_attn(cfg: GPT2Config):
         return MergedLinear(n, 3 * n, r=cfg.lora_attn_dim, lora_alpha=cfg.lora_attn_alpha,
                             lora_dropout=cfg.lora_dropout, enable_lora=cfg.lora_enable,
                             fan_in_fan_out=True, lora_inhibition=inhibition,
+                            lora_inhibition_slope=cfg.lora_inhibition_slope,
                             merge_weights=cfg.merge_weights and inhibition == 0.0)
     if cfg.adapter == "ia3" and any(cfg.ia3_enable):
         return IA3Linear(n, 3 * n, enable_ia3=cfg.ia3_enable, fan_in_fan_out=True,
@@ -279,9 +283,20 @@ class GPT2LMModel(AdapterModule):
     @classmethod
     def from_pretrained(cls, path, config: Optional[GPT2Config] = None, strict: bool = True, **overrides):
         """Load GPT-2 weights: HF ``pytorch_model.bin``, ``model.safetensors``, a HF directory
-        (config.json + weights) or a microsoft/LoRA checkpoint. ``overrides`` set adapter
-        fields of the config (e.g. ``adapter="ia3"``). Torch is not needed."""
+        (config.json + weights) or a microsoft/LoRA checkpoint. Torch is not needed.
+
+        Without ``config`` the model is the plain GPT-2 (``adapter="none"``), as transformers
+        loads it and microsoft/LoRA builds it with ``lora_attn_dim=0``, so it can go straight into
+        ``get_peft_model``. ``overrides`` set config fields; a native adapter is asked for with
+        ``adapter="lora"|"ina"|"ia3"`` (adapter fields without ``adapter`` are an error).
+        """
         from .checkpoint import load_gpt2_checkpoint
+        if config is None and "adapter" not in overrides:
+            asked = sorted(k for k in overrides if k.startswith(("lora_", "ia3_")))
+            if asked:
+                raise ValueError(f"from_pretrained got adapter fields {asked} but no adapter: pass "
+                                 f"adapter='lora', 'ina' or 'ia3' (the default is the plain model)")
+            overrides["adapter"] = "none"
         return load_gpt2_checkpoint(cls, path, config=config, strict=strict, **overrides)
 
     def save_pretrained(self, out_dir):

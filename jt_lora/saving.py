@@ -4,11 +4,15 @@
 ``model.safetensors`` with ``transformer.*`` names, Conv1D layout), which
 transformers and ``GPT2LMModel.from_pretrained`` both load. ``save_adapter`` /
 ``load_adapter`` keep only the adapter tensors plus the resolved adapter
-config, so a fine-tuning run stores kilobytes, not the base model.
+config, so a fine-tuning run stores kilobytes, not the base model. The config
+records InA's leaky-ReLU slope (``lora_inhibition_slope``); InA files written
+before it was recorded were trained with slope 0.1 and are read so, with a
+warning that names the file.
 """
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict
 
@@ -22,7 +26,8 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "save_safetensors", "save_
 ADAPTER_CONFIG = "jt_lora_adapter.json"
 ADAPTER_WEIGHTS = "jt_lora_adapter.safetensors"
 ADAPTER_FIELDS = ("adapter", "lora_attn_dim", "lora_attn_alpha", "lora_dropout", "lora_inhibition",
-                  "lora_enable", "ia3_enable", "ia3_feedforward")
+                  "lora_inhibition_slope", "lora_enable", "ia3_enable", "ia3_feedforward")
+SLOPE_FIELD = "lora_inhibition_slope"
 
 
 _UMASK = os.umask(0)
@@ -103,13 +108,22 @@ def save_adapter(model, out_dir, extra: dict = None):
 
 
 def read_adapter_config(adapter_dir) -> dict:
+    """The adapter config ``save_adapter`` wrote; an InA file without the slope gets the legacy 0.1."""
+    from .lora import LEGACY_INA_SLOPE
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter_dir}")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("adapter") == "ina" and SLOPE_FIELD not in meta:
+        warnings.warn(f"{path}: no {SLOPE_FIELD} recorded (written before jt_lora recorded it); using "
+                      f"{LEGACY_INA_SLOPE}, the slope such files were trained with (the InA reference uses 0.01)")
+        meta[SLOPE_FIELD] = LEGACY_INA_SLOPE
+    return meta
 
 
 def load_adapter(model, adapter_dir):
@@ -120,8 +134,9 @@ def load_adapter(model, adapter_dir):
     from safetensors.numpy import load_file
     meta = read_adapter_config(adapter_dir)
     cfg = model.config.to_dict()
+    skip = {"lora_dropout"} | (set() if meta.get("adapter") == "ina" else {SLOPE_FIELD})  # no effect on the numbers
     wrong = [f"{k}: adapter {meta[k]!r} vs model {cfg[k]!r}" for k in ADAPTER_FIELDS
-             if k in meta and k != "lora_dropout" and _norm(meta[k]) != _norm(cfg[k])]
+             if k in meta and k not in skip and _norm(meta[k]) != _norm(cfg[k])]
     if wrong:
         raise ValueError(f"{adapter_dir}: adapter does not fit the model: " + "; ".join(wrong))
     path = Path(adapter_dir) / ADAPTER_WEIGHTS

@@ -179,3 +179,65 @@ def test_head_and_ffn_masks_are_inputs():
     h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
     h = h * t.ln_f.weight.numpy() + t.ln_f.bias.numpy()
     np.testing.assert_allclose(off[0], h @ t.wte.weight.numpy().T, atol=1e-4)
+
+
+def test_from_pretrained_builds_the_plain_model_unless_an_adapter_is_asked(hf_checkpoints):
+    """As transformers (and microsoft/LoRA with lora_attn_dim=0): no adapter by default, so the
+    result goes straight into get_peft_model, as in PEFT."""
+    from jt_lora import LoraConfig, get_peft_model
+    out, ids, ref = hf_checkpoints
+    plain = GPT2LMModel.from_pretrained(out / "hf_safetensors")
+    assert plain.config.adapter == "none"
+    assert not [n for n, _ in plain.named_parameters() if "lora_" in n or "ia3_" in n]
+    peft = get_peft_model(plain, LoraConfig(r=2, lora_alpha=4))
+    assert {n for n, p in peft.named_parameters() if not p.is_stop_grad()} == {
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{m}.default.weight" for i in range(2) for m in "AB"}
+    np.testing.assert_allclose(_logits(peft, ids), ref["base"], atol=1e-4)  # B = 0: the base model
+    native = GPT2LMModel.from_pretrained(out / "hf_safetensors", adapter="ina", lora_attn_dim=2, lora_inhibition=0.3)
+    assert native.config.adapter == "ina" and native.transformer.h[0].attn.c_attn.r == 2
+    with pytest.raises(ValueError, match=r"adapter fields \['lora_attn_dim'\] but no adapter"):
+        GPT2LMModel.from_pretrained(out / "hf_safetensors", lora_attn_dim=2)
+
+
+def test_ina_slope_in_config_and_native_adapter_file(tmp_path):
+    """The slope reaches every InA layer, save_adapter records it, and a file written without it
+    (before it was recorded) reads as 0.1 with a warning naming the file."""
+    from jt_lora.saving import ADAPTER_CONFIG, load_adapter, read_adapter_config, save_adapter
+    model = _random_model("ina", lora_inhibition=0.3)
+    assert model.config.lora_inhibition_slope == 0.01
+    assert {b.attn.c_attn.gate.negative_slope for b in model.transformer.h} == {0.01}
+    save_adapter(model, tmp_path / "new")
+    assert json.loads((tmp_path / "new" / ADAPTER_CONFIG).read_text())["lora_inhibition_slope"] == 0.01
+    legacy = _random_model("ina", lora_inhibition=0.3, lora_inhibition_slope=0.1)
+    save_adapter(legacy, tmp_path / "old")
+    cfg_file = tmp_path / "old" / ADAPTER_CONFIG
+    meta = json.loads(cfg_file.read_text())
+    del meta["lora_inhibition_slope"]
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=f"{cfg_file}.*using 0.1"):
+        read = read_adapter_config(tmp_path / "old")
+    assert read["lora_inhibition_slope"] == 0.1
+    rebuilt = _random_model("ina", lora_inhibition=0.3, lora_inhibition_slope=0.1)  # same base weights (seed)
+    for n, p in rebuilt.named_parameters():
+        if "lora_" in n:
+            p.update(jt.zeros(p.shape))
+    with pytest.warns(UserWarning, match="using 0.1"):
+        load_adapter(rebuilt, tmp_path / "old")
+    ids = np.random.default_rng(4).integers(0, 97, (2, 6))
+    np.testing.assert_array_equal(_logits(rebuilt, ids), _logits(legacy, ids))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="lora_inhibition_slope: adapter 0.1 vs model 0.01"):
+        load_adapter(GPT2LMModel(TINY_CFG.replace(adapter="ina", lora_inhibition=0.3)), tmp_path / "old")
+    with pytest.raises(ValueError, match="lora_inhibition_slope must be in"):
+        TINY_CFG.replace(lora_inhibition_slope=-1.0)
+
+
+@pytest.mark.parametrize("adapter,kw", [("lora", {}), ("ina", {"lora_inhibition": 0.3}), ("ia3", {})])
+def test_100_eval_train_cycles_leave_the_model_bit_identical(adapter, kw):
+    """The trainer runs one eval()/train() cycle per --eval_interval: the base must not drift."""
+    model = _random_model(adapter, **kw)
+    before = {n: p.numpy().copy() for n, p in model.named_parameters()}
+    for _ in range(100):
+        model.eval()
+        model.train()
+    for n, p in model.named_parameters():
+        np.testing.assert_array_equal(p.numpy(), before[n], err_msg=n)
