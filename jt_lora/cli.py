@@ -22,12 +22,13 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     Skipped when the help text already speaks of the default (it says what None means, e.g. "from
     the adapter's config"), when the default is None or suppressed, for required flags and for
     plain switches (``store_true``: off unless given).
-    ``BooleanOptionalAction`` adds its own ``(default: ...)``; it is not added twice.
+    ``--x/--no-x`` flags (``BooleanOptionalAction``) show theirs.
     """
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("default" in text or action.required or action.default is None or action.nargs == 0
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if ("default" in text or action.required or action.default is None or switch
                 or action.default is argparse.SUPPRESS or not action.option_strings):
             return text
         return text + " (default: %(default)s)"

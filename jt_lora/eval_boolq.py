@@ -261,24 +261,18 @@ def loglik_scores(model, contexts: Sequence[Sequence[int]], yes_id: int, no_id: 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import DefaultsHelpFormatter
+    from .model_flags import add_model_flags
+
     p = argparse.ArgumentParser(prog="python -m jt_lora.eval_boolq", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--data", required=True, help="prepared BoolQ test file: test.jsonl (encoded) or test_formatted.jsonl")
     a("--mode", default="auto", choices=["auto", "text", "loglik"],
       help="auto: text when --predictions is given, else loglik")
     a("--predictions", default=None, help="text mode: generated answers (jt_lora.generate JSONL, or text lines)")
     a("--vocab", default=None, help="GPT-2 vocab dir (default: the gpt2-vocab asset)")
-    # Model flags: the same as jt_lora.generate's.
-    a("--init_checkpoint", default=None, help="model weights (HF dir/file or microsoft/LoRA checkpoint)")
-    a("--base_checkpoint", default=None, help="base weights when the adapter is in --adapter_dir")
-    a("--adapter_dir", default=None, help="jt_lora adapter directory (its config decides the adapter)")
-    a("--model_card", default="gpt2.sm", choices=["gpt2.sm", "gpt2.md", "gpt2.lg"],
-      help="architecture of a checkpoint without config.json")
-    a("--adapter", default=None, choices=["lora", "ina", "ia3", "none"], help="adapter of --init_checkpoint")
-    a("--lora_dim", type=int, default=0, help="LoRA rank of --init_checkpoint")
-    a("--lora_alpha", type=float, default=128)
-    a("--lora_inhibition", type=float, default=0.0)
+    add_model_flags(p)   # the same model flags and rules as jt_lora.generate's
     a("--batch_size", type=int, default=8, help="loglik: prompts per forward pass")
     a("--seq_len", type=int, default=None, help="loglik: keep the last N prompt tokens (default: n_positions)")
     a("--max_examples", type=int, default=None, help="only the first N examples")
@@ -293,18 +287,34 @@ def _tokenizer(vocab):
 
 
 def main(argv=None) -> int:
+    from .cli import run_cli
     args = build_parser().parse_args(argv)
-    try:
+
+    def body():
         report = _run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_confusion(report))
-    print(json.dumps(report))
-    return 0
+        print(format_confusion(report))
+        print(json.dumps(report))
+        return 0
+    return run_cli(body, "jt_lora.eval_boolq")
+
+
+def _validate(args) -> None:
+    """Flags checked before any work; errors name the flag."""
+    from .cli import positive_int
+    positive_int("--batch_size", args.batch_size)
+    positive_int("--seq_len", args.seq_len)
+    positive_int("--max_examples", args.max_examples)
+    if args.output_file:
+        out = Path(args.output_file)
+        for parent in out.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"--output_file {out}: {parent} is a regular file, not a directory")
+                break
 
 
 def _run(args) -> Dict:
+    _validate(args)
     t0 = time.perf_counter()
     mode = args.mode if args.mode != "auto" else ("text" if args.predictions else "loglik")
     if mode == "text" and not args.predictions:
@@ -383,8 +393,8 @@ def _maybe_tokenizer(args):
 
 def _build_model(args):
     """The model the flags describe, loaded exactly as ``jt_lora.generate`` loads it (eval mode)."""
-    from .generate import build_model as build
-    return build(args)
+    from .model_flags import build_model
+    return build_model(args)
 
 
 if __name__ == "__main__":

@@ -477,33 +477,25 @@ _RESUME_KEYS = ("data", "seq_len", "eval_len", "min_length", "beam", "length_pen
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import DefaultsHelpFormatter
+    from .model_flags import add_model_flags
+
     p = argparse.ArgumentParser(
-        prog="python -m jt_lora.generate",
+        prog="python -m jt_lora.generate", formatter_class=DefaultsHelpFormatter,
         description="Beam-search generation (microsoft/LoRA gpt2_beam.py semantics), resumable.")
     p.add_argument("--data", required=True, help="encoded JSONL ({'context': ids, 'completion': ids})")
     p.add_argument("--batch_size", type=int, default=10, help="prompts per batch (each is --beam rows)")
     p.add_argument("--seq_len", type=int, default=512, help="prompts keep their last seq_len - eval_len tokens")
     p.add_argument("--eval_len", type=int, default=256, help="tokens generated at most")
     p.add_argument("--min_length", type=int, default=0, help="eos banned before this many tokens")
-    p.add_argument("--model_card", default="gpt2.sm", choices=["gpt2.sm", "gpt2.md", "gpt2.lg"],
-                   help="architecture of a checkpoint without config.json")
-    p.add_argument("--init_checkpoint", default=None,
-                   help="model weights: HF directory/file or microsoft/LoRA checkpoint (LoRA weights included)")
-    p.add_argument("--base_checkpoint", default=None, help="base weights when the adapter is in --adapter_dir")
-    p.add_argument("--adapter_dir", default=None,
-                   help="jt_lora adapter directory (save_adapter); its config decides the adapter")
-    p.add_argument("--adapter", default=None, choices=["lora", "ina", "ia3", "none"],
-                   help="adapter of --init_checkpoint (default: lora if --lora_dim > 0, else none)")
-    p.add_argument("--lora_dim", type=int, default=0, help="LoRA rank r")
-    p.add_argument("--lora_alpha", type=float, default=128, help="LoRA alpha")
-    p.add_argument("--lora_inhibition", type=float, default=0.0, help="InA inhibition level (--adapter ina)")
+    add_model_flags(p)
     p.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
-    p.add_argument("--length_penalty", type=float, default=1.0)
-    p.add_argument("--no_repeat_ngram_size", type=int, default=4)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--length_penalty", type=float, default=1.0, help="a finished hypothesis scores sum(log p) / len**lp")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=4, help="no generated n-gram of this size twice (0: off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty on generated tokens (1: off)")
     p.add_argument("--eos_token_id", action="append", type=int, default=None,
-                   help="eos id, repeatable; as in the reference 50256 is always included "
-                        "(ids outside the model's vocabulary are dropped)")
+                   help="eos id, repeatable; as in the reference 50256 is always included, so the default "
+                        "is 50256 alone (ids outside the model's vocabulary are dropped)")
     p.add_argument("--work_dir", default=".", help="output directory")
     p.add_argument("--output_file", default="beam_prediction.jsonl", help="JSONL name inside --work_dir")
     p.add_argument("--vocab", default=None, help="GPT-2 vocab directory: also write decoded text "
@@ -511,78 +503,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unique_contexts", action=argparse.BooleanOptionalAction, default=False,
                    help="generate once per distinct prompt and write it for every id sharing it "
                         "(E2E repeats each MR once per reference: ~7x fewer searches, same predictions)")
-    p.add_argument("--max_examples", type=int, default=None, help="only the first N examples")
-    p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    p.add_argument("--max_examples", type=int, default=None, help="only the first N examples (default: all)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh instead of resuming; the old file is replaced only once the new one is complete")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
 def build_model(args):
-    """The model the flags describe, in eval mode; returns (model, description for the config)."""
-    from .model import GPT2Config, GPT2LMModel
-    from .saving import ADAPTER_FIELDS, load_adapter, read_adapter_config
+    """The model the flags describe, in eval mode (see ``jt_lora.model_flags``)."""
+    from .model_flags import build_model as build
+    return build(args)
 
-    def load(path, **adapter):
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        has_config = path.is_dir() and (path / "config.json").exists()
-        config = None if has_config else GPT2Config.from_card(args.model_card, **adapter)
-        return GPT2LMModel.from_pretrained(path, config=config, **({} if config else adapter))
 
-    if args.adapter_dir is not None:
-        if args.base_checkpoint and args.init_checkpoint:
-            raise ValueError("with --adapter_dir give the base weights once: --base_checkpoint or --init_checkpoint")
-        base = args.base_checkpoint or args.init_checkpoint
-        if base is None:
-            raise ValueError("--adapter_dir needs the base weights: --base_checkpoint (or --init_checkpoint)")
-        meta = read_adapter_config(args.adapter_dir)
-        if args.adapter is not None and args.adapter != meta.get("adapter"):
-            raise ValueError(f"--adapter {args.adapter} but {args.adapter_dir} holds a {meta.get('adapter')!r} adapter")
-        fields = {k: (tuple(meta[k]) if isinstance(meta[k], list) else meta[k])
-                  for k in ADAPTER_FIELDS if k in meta}
-        fields["lora_dropout"] = 0.0
-        model = load(base, **fields)
-        load_adapter(model, args.adapter_dir)
-    else:
-        path = args.init_checkpoint or args.base_checkpoint
-        if path is None:
-            raise ValueError("no weights: give --init_checkpoint (or --base_checkpoint with --adapter_dir)")
-        adapter = args.adapter or ("lora" if args.lora_dim > 0 else "none")
-        fields = dict(adapter=adapter, lora_dropout=0.0)
-        if adapter in ("lora", "ina"):
-            if args.lora_dim <= 0:
-                raise ValueError(f"--adapter {adapter} needs --lora_dim > 0")
-            fields.update(lora_attn_dim=args.lora_dim, lora_attn_alpha=args.lora_alpha)
-        if adapter == "ina":
-            fields["lora_inhibition"] = args.lora_inhibition
-        model = load(path, **fields)
-    model.eval()
-    return model
+def validate_args(args) -> None:
+    """Every flag checked before any work or write; errors name the flag."""
+    from .cli import positive_int
+    positive_int("--batch_size", args.batch_size)
+    positive_int("--beam", args.beam)
+    positive_int("--eval_len", args.eval_len)
+    positive_int("--max_examples", args.max_examples)
+    positive_int("--min_length", args.min_length, 0)
+    positive_int("--no_repeat_ngram_size", args.no_repeat_ngram_size, 0)
+    if args.seq_len <= args.eval_len:
+        raise ValueError(f"--seq_len ({args.seq_len}) must exceed --eval_len ({args.eval_len}): "
+                         f"prompts keep their last seq_len - eval_len tokens")
+    if not args.repetition_penalty > 0:
+        raise ValueError(f"--repetition_penalty must be > 0, got {args.repetition_penalty}")
+    if "/" in args.output_file or not args.output_file.strip("."):
+        raise ValueError(f"--output_file must be a file name inside --work_dir, got {args.output_file!r}")
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data file not found: {args.data}")
+    _check_writable_dir(Path(args.work_dir))
+
+
+def _check_writable_dir(work_dir: Path) -> None:
+    """Fail before loading anything when --work_dir cannot hold the outputs."""
+    for parent in [work_dir, *work_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--work_dir {work_dir}: {parent} is a regular file, not a directory; "
+                                 f"choose another --work_dir")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--work_dir {work_dir}: {parent} is not writable (read-only file system or "
+                                 f"permissions); choose another --work_dir")
+            return
 
 
 def _read_config(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
 
 
 def main(argv=None) -> int:
+    from .cli import run_cli
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _run(args), "jt_lora.generate")
 
 
 def _run(args) -> int:
     from .data import FTDataset
     from .saving import atomic_write_text
 
-    if not Path(args.data).is_file():
-        raise FileNotFoundError(f"data file not found: {args.data}")
+    validate_args(args)
     out_path = Path(args.work_dir) / args.output_file
     stem = out_path.name[:-len(".jsonl")] if out_path.name.endswith(".jsonl") else out_path.name
     config_path = out_path.with_name(stem + ".config.json")
@@ -619,11 +604,12 @@ def _run(args) -> int:
     }
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:
-        for p in (out_path, text_path):
-            if p.exists():
-                p.unlink()
-    done = read_predictions(out_path)
+    # --overwrite: the new predictions go to a temp file that replaces the old one only when complete;
+    # a failure or a kill leaves the previous file (and its config) as it was.
+    write_path = out_path.with_name(f".{out_path.name}.overwrite.tmp") if args.overwrite else out_path
+    if args.overwrite and write_path.exists():
+        write_path.unlink()    # a killed earlier --overwrite run
+    done = read_predictions(write_path)
     if done:
         old = _read_config(config_path)
         if old is not None:
@@ -642,7 +628,8 @@ def _run(args) -> int:
         if args.vocab is not None or try_find_asset("gpt2-vocab") is not None:
             tokenizer = load_tokenizer(args.vocab)
             resolved["text_file"] = str(text_path)
-    atomic_write_text(config_path, json.dumps(resolved, indent=2))
+    if not args.overwrite:
+        atomic_write_text(config_path, json.dumps(resolved, indent=2))
 
     # Work items: one per example, or one per distinct prompt (all its ids written together).
     groups: Dict[Tuple[int, ...], List[int]] = {}
@@ -656,18 +643,28 @@ def _run(args) -> int:
     order = _length_order([len(queries[first]) for first, _ in pending])
     bar = _progress(len(pending), not args.no_progress)
     new_tokens, start = 0, time.time()
-    with open(out_path, "a", encoding="utf-8") as f:
-        for b in range(0, len(order), args.batch_size):
-            chunk = [pending[j] for j in order[b:b + args.batch_size]]
-            seqs, _ = beam_search_batch(model, [queries[first] for first, _ in chunk], settings)
-            records = sorted((i, _pad(q, args.eval_len)) for (_, todo), q in zip(chunk, seqs) for i in todo)
-            _append_records(f, records)
-            for i, p in records:
-                done[i] = p
-            new_tokens += sum(len(q) for q in seqs)
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - start, 1e-9):.1f}")
-    bar.close()
+    try:
+        with open(write_path, "a", encoding="utf-8") as f:
+            for b in range(0, len(order), args.batch_size):
+                chunk = [pending[j] for j in order[b:b + args.batch_size]]
+                seqs, _ = beam_search_batch(model, [queries[first] for first, _ in chunk], settings)
+                records = sorted((i, _pad(q, args.eval_len)) for (_, todo), q in zip(chunk, seqs) for i in todo)
+                _append_records(f, records)
+                for i, p in records:
+                    done[i] = p
+                new_tokens += sum(len(q) for q in seqs)
+                bar.update(len(chunk))
+                bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - start, 1e-9):.1f}")
+        bar.close()
+        if args.overwrite:
+            atomic_write_text(config_path, json.dumps(resolved, indent=2))
+            os.replace(write_path, out_path)
+            _fsync_dir(out_path.parent)
+    except BaseException:
+        bar.close()
+        if args.overwrite and write_path.exists():
+            write_path.unlink()
+        raise
 
     if tokenizer is not None:
         lines = [_text(tokenizer, done[i], eos) if i in done else "" for i in range(n)]
@@ -675,6 +672,20 @@ def _run(args) -> int:
     print(f"wrote {out_path} ({len(done)} ids)" + (f" and {text_path}" if tokenizer is not None else ""),
           file=sys.stderr)
     return 0
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: some file systems refuse directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Beam search: against greedy decoding, exhaustive search, a literal transcription of the
 reference algorithm, batching, the KV cache; post-processing rules; the resumable CLI."""
+import errno
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -362,3 +364,101 @@ def test_decode_cache_steps_equal_the_gathered_cache():
             DecodeCache(model.transformer(jt.array(ids))[1], None, rows=2, steps=3).advance(np.zeros(3))
         with pytest.raises(ValueError, match="one token per row"):
             model.transformer(jt.array(np.zeros((4, 2), np.int32)), past=cache)
+
+
+# ---------------------------------------------------------------------------------------------- flags and faults
+
+def _cli_main(root, out, *extra):
+    return main(["--data", str(root / "test.jsonl"), "--base_checkpoint", str(root / "base"),
+                 "--adapter_dir", str(root / "adapter"), "--work_dir", str(root), "--output_file", out,
+                 "--beam", "2", "--eval_len", "4", "--seq_len", "32", "--batch_size", "2", "--no_progress", *extra])
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (("--batch_size", "0"), r"--batch_size must be >= 1, got 0"),
+    (("--beam", "0"), r"--beam must be >= 1, got 0"),
+    (("--eval_len", "0"), r"--eval_len must be >= 1, got 0"),
+    (("--lora_alpha", "128"), r"--lora_alpha 128.0 contradicts lora_attn_alpha=32.0 in .*jt_lora_adapter.json"),
+    (("--lora_inhibition", "0.3"), r"--lora_inhibition 0.3 contradicts lora_inhibition=0.0"),
+])
+def test_overwrite_with_a_bad_flag_keeps_the_complete_file(saved, capsys, flags, pattern):
+    root, _ = saved
+    assert _cli_main(root, "keep.jsonl") == 0
+    before = (root / "keep.jsonl").read_bytes(), (root / "keep.config.json").read_bytes()
+    capsys.readouterr()
+    assert _cli_main(root, "keep.jsonl", "--overwrite", *flags) == 1
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert ((root / "keep.jsonl").read_bytes(), (root / "keep.config.json").read_bytes()) == before
+
+
+def test_overwrite_replaces_only_when_complete(saved, monkeypatch, capsys):
+    import jt_lora.generate as G
+    root, _ = saved
+    assert _cli_main(root, "ow.jsonl") == 0
+    before = (root / "ow.jsonl").read_bytes()
+    real, calls = G.beam_search_batch, []
+
+    def failing(*a, **k):     # the second batch fails: a crash half-way through the new run
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(root / "ow.jsonl"))
+        return real(*a, **k)
+    monkeypatch.setattr(G, "beam_search_batch", failing)
+    assert _cli_main(root, "ow.jsonl", "--overwrite", "--beam", "3") == 1
+    err = capsys.readouterr().err
+    assert "ow.jsonl: No space left on device (the disk is full" in err and "Traceback" not in err
+    assert (root / "ow.jsonl").read_bytes() == before
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(G, "beam_search_batch", real)
+    assert _cli_main(root, "ow.jsonl", "--overwrite", "--beam", "3") == 0
+    assert json.loads((root / "ow.config.json").read_text())["beam"] == 3
+    assert (root / "ow.jsonl").read_bytes() != before and len(_lines(root / "ow.jsonl")) == 6
+
+
+def test_enospc_while_appending_keeps_finished_batches(saved, monkeypatch, capsys):
+    import jt_lora.generate as G
+    root, _ = saved
+    real, calls = G._append_records, []
+
+    def append(f, records):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", f.name)
+        real(f, records)
+    monkeypatch.setattr(G, "_append_records", append)
+    assert _cli_main(root, "full.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "full.jsonl: No space left on device" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert len(_lines(root / "full.jsonl")) == 2            # the first batch (2 prompts) is kept
+    monkeypatch.setattr(G, "_append_records", real)
+    assert _cli_main(root, "full.jsonl") == 0 and len(_lines(root / "full.jsonl")) == 6   # resumes
+
+
+def test_read_only_and_file_parent_outputs_fail_before_work(saved, monkeypatch, capsys, tmp_path):
+    import jt_lora.saving as S
+    root, _ = saved
+    (tmp_path / "plain").write_text("x")
+    assert main(["--data", str(root / "test.jsonl"), "--base_checkpoint", str(root / "base"),
+                 "--adapter_dir", str(root / "adapter"), "--work_dir", str(tmp_path / "plain" / "out")]) == 1
+    assert re.search(r"--work_dir .*plain is a regular file", capsys.readouterr().err)
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(S, "atomic_write_text", read_only)
+    assert _cli_main(root, "ro.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "ro.config.json: Read-only file system (the file system is read-only" in err and "Traceback" not in err
+
+
+def test_help_prints_each_default_once():
+    text = " ".join(build_help().split())
+    assert "prompts per batch (each is --beam rows) (default: 10)" in text
+    assert "LoRA alpha (default: 32," in text and "(default: None)" not in text
+    assert text.count("(default: False)") == 1      # --unique_contexts (BooleanOptionalAction)
+
+
+def build_help():
+    from jt_lora.generate import build_parser
+    return build_parser().format_help()
