@@ -38,7 +38,7 @@ if [ -z "$CKPT" ]; then
     --train_batch_size 8 --seq_len 512 --lr 0.01 --weight_decay 0.01 --correct_bias --adam_beta2 0.999 \
     --scheduler linear --warmup_step 20 --max_epoch 4 --label_smooth 0.1 \
     --log_interval 10 --eval_interval 50 --save_interval 50 --random_seed 110 \
-    --work_dir "$WORK/train" ${EXTRA_TRAIN_ARGS:-}
+    --work_dir "$WORK/train" --overwrite delete ${EXTRA_TRAIN_ARGS:-}
   step "3/4 beam search on the first $N_TEST test lines"
   "$PY" -m jt_lora.generate --data "$WORK/data/test_demo.jsonl" \
     --base_checkpoint "$WORK/train/base" --adapter_dir "$WORK/train/adapter" \
