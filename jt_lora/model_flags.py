@@ -33,11 +33,11 @@ LORA_ALPHA = 32.0    # the LoRA paper's alpha; jt_lora.train's default
 CARDS = ("gpt2.sm", "gpt2.md", "gpt2.lg")
 _CARD_SHAPES = {"gpt2.sm": (768, 12, 12), "gpt2.md": (1024, 24, 16), "gpt2.lg": (1280, 36, 20)}
 
-# flag -> adapter-config field (the slope field is looked up by name: see _slope_field)
+# flag, argparse attribute, adapter-config field
 _FLAG_FIELDS = (("--adapter", "adapter", "adapter"), ("--lora_dim", "lora_dim", "lora_attn_dim"),
                 ("--lora_alpha", "lora_alpha", "lora_attn_alpha"),
                 ("--lora_inhibition", "lora_inhibition", "lora_inhibition"),
-                ("--lora_negative_slope", "lora_negative_slope", None))
+                ("--lora_inhibition_slope", "lora_inhibition_slope", "lora_inhibition_slope"))
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -64,13 +64,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     a("--lora_inhibition", type=float, default=None,
       help="InA inhibition level in (0, 1), only with --adapter ina (default: --adapter_dir's value; "
            "required for --adapter ina with --init_checkpoint)")
-    a("--lora_negative_slope", type=float, default=None,
+    a("--lora_inhibition_slope", type=float, default=None,
       help="InA leaky-ReLU slope, only with --adapter ina (default: --adapter_dir's value, else the model's)")
-
-
-def _slope_field(fields) -> Optional[str]:
-    """The adapter config's InA slope field, whatever this version names it (None: no such field)."""
-    return next((f for f in fields if "slope" in f), None)
 
 
 def _same(a, b) -> bool:
@@ -90,17 +85,15 @@ def resolve_adapter(args, meta: Optional[dict] = None, meta_path: str = "", fiel
     Raises:
         ValueError: naming the flag (and the file) for a contradiction or a flag that does not apply.
     """
-    slope_field = _slope_field(fields) or _slope_field(meta or {})
     given = {flag: getattr(args, attr) for flag, attr, _ in _FLAG_FIELDS if getattr(args, attr) is not None}
     if meta is not None:
         out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k in fields}
         adapter = meta.get("adapter")
         for flag, attr, field in _FLAG_FIELDS:
-            field = field or slope_field
             if flag not in given:
                 continue
-            if field is None or field not in meta:
-                raise ValueError(f"{flag} {given[flag]}: {meta_path} records no {field or 'slope'}; drop the flag")
+            if field not in meta:
+                raise ValueError(f"{flag} {given[flag]}: {meta_path} records no {field}; drop the flag")
             if not _same(given[flag], meta[field]):
                 raise ValueError(f"{flag} {given[flag]} contradicts {field}={meta[field]!r} in {meta_path}; "
                                  f"the adapter's config decides: drop the flag")
@@ -118,10 +111,8 @@ def resolve_adapter(args, meta: Optional[dict] = None, meta_path: str = "", fiel
             if args.lora_inhibition is None:
                 raise ValueError("--adapter ina needs --lora_inhibition in (0, 1): the checkpoint does not record it")
             out["lora_inhibition"] = args.lora_inhibition
-            if args.lora_negative_slope is not None:
-                if slope_field is None:
-                    raise ValueError("--lora_negative_slope: this version of the model has no InA slope setting")
-                out[slope_field] = args.lora_negative_slope
+            if args.lora_inhibition_slope is not None:
+                out["lora_inhibition_slope"] = args.lora_inhibition_slope
     if out.get("adapter") == "ina" and not 0 < float(out.get("lora_inhibition", 0)) < 1:
         src = f" ({meta_path})" if meta is not None else ""
         raise ValueError(f"--lora_inhibition must be in (0, 1) for an InA adapter{src}, got "
@@ -133,7 +124,7 @@ def resolve_adapter(args, meta: Optional[dict] = None, meta_path: str = "", fiel
 def _check_applies(adapter: Optional[str], given: dict) -> None:
     """Flags of one adapter kind given with another are errors, not silently ignored."""
     if adapter != "ina":
-        for flag in ("--lora_inhibition", "--lora_negative_slope"):
+        for flag in ("--lora_inhibition", "--lora_inhibition_slope"):
             if flag in given:
                 raise ValueError(f"{flag} applies only to --adapter ina, not {adapter}")
     if adapter not in ("lora", "ina"):

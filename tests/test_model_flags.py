@@ -19,8 +19,7 @@ META = {"adapter": "lora", "lora_attn_dim": 4, "lora_attn_alpha": 32.0, "lora_dr
         "lora_inhibition": 0.0, "lora_enable": [True, False, True], "ia3_enable": [False, True, True],
         "ia3_feedforward": True, "base": {"vocab_size": 97, "n_positions": 64, "n_embd": 48, "n_layer": 2,
                                           "n_head": 3}}
-FIELDS = ("adapter", "lora_attn_dim", "lora_attn_alpha", "lora_dropout", "lora_inhibition", "lora_enable",
-          "ia3_enable", "ia3_feedforward")
+from jt_lora.saving import ADAPTER_FIELDS as FIELDS
 INA = {**META, "adapter": "ina", "lora_inhibition": 0.3}
 
 
@@ -40,8 +39,8 @@ def test_adapter_dir_config_decides_and_a_repeated_value_is_fine():
     out = MF.resolve_adapter(parse("--lora_alpha", "32", "--adapter", "lora"), META, "A/jt_lora_adapter.json", FIELDS)
     assert out["adapter"] == "lora" and out["lora_attn_alpha"] == 32.0 and out["lora_enable"] == (True, False, True)
     assert out["lora_dropout"] == 0.0
-    out = MF.resolve_adapter(parse(), INA, "A/jt_lora_adapter.json", FIELDS)
-    assert out["adapter"] == "ina" and out["lora_inhibition"] == 0.3
+    out = MF.resolve_adapter(parse(), {**INA, "lora_inhibition_slope": 0.05}, "A/jt_lora_adapter.json", FIELDS)
+    assert out["adapter"] == "ina" and out["lora_inhibition"] == 0.3 and out["lora_inhibition_slope"] == 0.05
 
 
 @pytest.mark.parametrize("argv, pattern", [
@@ -74,12 +73,12 @@ def test_ina_adapter_dir_with_zero_inhibition_is_rejected():
 
 
 def test_slope_flag_maps_onto_the_configs_slope_field():
-    fields = FIELDS + ("lora_negative_slope",)
-    out = MF.resolve_adapter(parse("--adapter", "ina", "--lora_inhibition", "0.2", "--lora_negative_slope", "0.05"),
+    fields = FIELDS
+    out = MF.resolve_adapter(parse("--adapter", "ina", "--lora_inhibition", "0.2", "--lora_inhibition_slope", "0.05"),
                              fields=fields)
-    assert out["lora_negative_slope"] == 0.05
-    with pytest.raises(ValueError, match=r"--lora_negative_slope 0.1 contradicts lora_negative_slope=0.01"):
-        MF.resolve_adapter(parse("--lora_negative_slope", "0.1"), {**INA, "lora_negative_slope": 0.01}, "A/j", fields)
+    assert out["lora_inhibition_slope"] == 0.05
+    with pytest.raises(ValueError, match=r"--lora_inhibition_slope 0.1 contradicts lora_inhibition_slope=0.01"):
+        MF.resolve_adapter(parse("--lora_inhibition_slope", "0.1"), {**INA, "lora_inhibition_slope": 0.01}, "A/j", fields)
 
 
 ARCH = {"vocab_size": 97, "n_positions": 64, "n_embd": 48, "n_layer": 2}   # tensors tell no head count
