@@ -43,7 +43,7 @@ def importance(inp):
     examples = inp["examples"]
     per_token = torch.zeros(cfg.n_layer, heads, dtype=torch.float64)
     michel = torch.zeros(cfg.n_layer, heads, dtype=torch.float64)
-    tot_tokens, eff_tokens = 0, 0
+    tot_tokens, eff_tokens, loss_sum = 0, 0, 0.0
     for batch in inp["batches"]:
         rows = [examples[i] for i in batch]
         t = max(len(c) + len(x) for c, x in rows)
@@ -61,6 +61,7 @@ def importance(inp):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         n = int((labels != -100).sum())
+        loss_sum += loss.item() * n
         for layer in range(cfg.n_layer):
             c, g = contexts[layer], contexts[layer].grad
             b = c.shape[0]
@@ -73,7 +74,7 @@ def importance(inp):
     michel = michel / eff_tokens
     michel = michel / michel.norm(dim=1, keepdim=True)
     return {"llm-interpret": llm.tolist(), "michel": michel.tolist(),
-            "tot_tokens": tot_tokens, "eff_tokens": eff_tokens}
+            "tot_tokens": tot_tokens, "eff_tokens": eff_tokens, "loss": loss_sum / eff_tokens}
 
 
 def copying(inp):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import needs_torch
 from jt_lora.analysis import attention as att
 from jt_lora.analysis import importance as imp
 from jt_lora.analysis.models import example_batches
@@ -140,12 +141,13 @@ def test_ffn_knockout_equals_a_model_without_that_mlp(model, dataset):
     assert np.abs(result["delta"]).max() > 1e-4
 
 
-def test_head_importance_is_the_absolute_mask_gradient(model, dataset):
-    """One batch holding every example: raw importance = |dL/dmask|, checked by central differences."""
+def test_michel_importance_is_the_absolute_mask_gradient(model, dataset):
+    """One batch holding every example: Michel's raw importance = |dL/dmask|, checked by central
+    differences of the loss."""
     batches = lambda: example_batches(dataset, len(dataset))  # noqa: E731
-    result = imp.head_importance(model, batches())
-    assert result["raw"].shape == (2, 4) and result["normalized"].shape == (2, 4)
-    np.testing.assert_allclose(np.linalg.norm(result["normalized"], axis=1), 1.0, rtol=1e-6)
+    result = imp.head_importance(model, batches(), definition="michel")
+    assert result["raw"].shape == (2, 4) and result["importance"].shape == (2, 4)
+    np.testing.assert_allclose(np.linalg.norm(result["importance"], axis=1), 1.0, rtol=1e-6)
     assert result["loss"] == pytest.approx(imp.dataset_loss(model, batches()), rel=1e-6)
     eps = 0.05
     for layer, head in [(0, 0), (0, 2), (1, 1), (1, 3)]:
@@ -156,6 +158,29 @@ def test_head_importance_is_the_absolute_mask_gradient(model, dataset):
               imp.dataset_loss(model, batches(), head_mask=minus)) / (2 * eps)
         assert result["raw"][layer, head] == pytest.approx(abs(fd), rel=0.03, abs=2e-4)
     assert result["raw"].max() > 1e-2
+
+
+def test_llm_interpret_importance_of_one_token_by_finite_differences(model):
+    """One example whose only loss token is the last: in the last layer only the position
+    predicting it has a gradient, so its importance is |d loss / d(scale of that position's head
+    context)|, which scaling c_proj's rows for that head (the same as scaling the context) and
+    differencing the loss gives independently."""
+    data = FTDataset([([5, 17, 33, 8, 61], [42])], 64)
+    batch = next(example_batches(data, 1))
+    got = imp.head_importance(model, [batch], definition="llm-interpret")
+    assert got["tokens"] == 1 and got["positions"] == 5
+    eps = 0.02
+    for head in range(4):
+        def scaled(factor):
+            def edit(name, value):
+                if name == "transformer.h.1.attn.c_proj.weight":
+                    value[head * D:(head + 1) * D, :] *= factor
+                return value
+            return imp.dataset_loss(_copy(model, edit), [batch])
+
+        fd = (scaled(1 + eps) - scaled(1 - eps)) / (2 * eps)
+        assert got["importance"][1, head] == pytest.approx(abs(fd), rel=0.02, abs=1e-5)
+    assert got["importance"][1].max() > 1e-2
 
 
 def test_loss_weights_select_completion_or_all_tokens(dataset):
@@ -203,6 +228,14 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     base = _model(seed=3)
     base.save_pretrained(root / "base")
+    # zero queries (weights and bias): every position attends uniformly to itself and the past;
+    # the InA adapter below adapts q, so on this base it makes attention non-uniform
+    def zero_queries(name, value):
+        if "c_attn" in name:
+            value[..., :TINY["n_embd"]] = 0.0
+        return value
+
+    _copy(base, zero_queries).save_pretrained(root / "uniform")
     ina = GPT2LMModel.from_pretrained(root / "base", adapter="ina", lora_attn_dim=2, lora_inhibition=0.3)
     rng = np.random.default_rng(0)
     for name, p in ina.named_parameters():
@@ -224,10 +257,9 @@ def _run(*argv):
 
 def test_attention_cli_writes_maps_pngs_and_grid(files, tmp_path):
     from jt_lora.analysis import plots
-    from jt_lora.analysis.models import ModelSpec, load_model, read_examples
 
     out = tmp_path / "att"
-    assert _run("attention", "--init_checkpoint", str(files / "base"), "--include_base",
+    assert _run("attention", "--init_checkpoint", str(files / "uniform"), "--include_base",
                 "--adapter_dir", str(files / "ina30"), "--label", "InA 30%", "--data", str(files / "data.jsonl"),
                 "--out", str(out), "--per_head", "--batch_size", "4", "--dpi", "40") == 0
     summary = json.loads((out / "attention.json").read_text())
@@ -238,11 +270,13 @@ def test_attention_cli_writes_maps_pngs_and_grid(files, tmp_path):
     ina_avg = np.load(out / "InA_30" / "attention_average.npy")
     assert base_avg.shape == ina_avg.shape == (2, t, t) == tuple(summary["shape"])
     assert np.load(out / "InA_30" / "attention_heads.npy").shape == (2, 4, t, t)
-    assert np.load(out / "attention_count.npy").shape == (t, t)
-    dataset = read_examples(files / "data.jsonl", 512, 97)
-    expected = att.attention_maps(load_model(ModelSpec("b", str(files / "base"))),
-                                  example_batches(dataset, 2), t).average
-    np.testing.assert_allclose(base_avg, expected, atol=1e-5)
+    i, j = np.indices((t, t))
+    np.testing.assert_allclose(base_avg, np.broadcast_to(np.where(j <= i, 1.0 / (i + 1), 0.0), (2, t, t)),
+                               atol=1e-6)                         # uniform attention, known exactly
+    lengths = [len(json.loads(line)["context"]) + len(json.loads(line)["completion"])
+               for line in (files / "data.jsonl").read_text().splitlines()]
+    np.testing.assert_array_equal(np.load(out / "attention_count.npy"),
+                                  (np.maximum(i, j)[None] < np.array(lengths)[:, None, None]).sum(0))
     assert np.abs(ina_avg - base_avg).max() > 1e-3               # the adapter changed attention
     for slug in ("base", "InA_30"):
         for i in range(2):
@@ -254,23 +288,38 @@ def test_attention_cli_writes_maps_pngs_and_grid(files, tmp_path):
     assert config["models"][1]["adapter_dir"].endswith("ina30") and config["per_head"] is True
 
 
-def test_head_importance_cli_json_shapes(files, tmp_path):
+@needs_torch
+def test_head_importance_cli_equals_the_llm_interpret_reference(files, tmp_path, capsys):
+    """The command's JSON against tests/analysis_ref.py (transformers' GPT-2, same weights);
+    batch size 1, so the sum does not depend on how the command orders examples."""
+    from test_analysis_reference import _reference
+
+    rows = [json.loads(line) for line in (files / "data.jsonl").read_text().splitlines()]
+    ref = _reference("importance", {"model_dir": str(files / "base"),
+                                    "examples": [(r["context"], r["completion"]) for r in rows],
+                                    "batches": [[k] for k in range(len(rows))]}, tmp_path)
     out = tmp_path / "imp"
-    assert _run("head-importance", "--init_checkpoint", str(files / "base"), "--adapter_dir", str(files / "ina30"),
-                "--data", str(files / "data.jsonl"), "--out", str(out), "--loss_tokens", "all") == 0
+    assert _run("head-importance", "--init_checkpoint", str(files / "base"), "--data", str(files / "data.jsonl"),
+                "--out", str(out), "--batch_size", "1") == 0
+    printed = capsys.readouterr().out
+    assert str(out / "head_importance.json") in printed and str(out / "head_importance.png") in printed
     summary = json.loads((out / "head_importance.json").read_text())
-    (record,) = summary["models"]                                  # only the adapter: no base column
-    assert record["label"] == "ina30"
-    raw = np.array(record["head_importance"]["raw"])
-    assert raw.shape == (2, 4) and (raw >= 0).all() and raw.max() > 0
-    np.testing.assert_allclose(np.linalg.norm(record["head_importance"]["normalized"], axis=1), 1.0, rtol=1e-6)
+    assert summary["definition"] == "llm-interpret"
+    (record,) = summary["models"]
+    np.testing.assert_allclose(record["head_importance"]["importance"], ref["llm-interpret"], rtol=1e-4, atol=1e-7)
+    assert record["positions"] == ref["tot_tokens"] and record["loss_tokens"] == ref["eff_tokens"]
+    assert record["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     ko = record["ffn_knockout"]
-    assert len(ko["loss"]) == len(ko["delta"]) == 2
-    np.testing.assert_allclose(ko["delta"], np.array(ko["loss"]) - ko["base_loss"], atol=1e-9)
-    assert ko["base_loss"] == pytest.approx(record["loss"])
-    assert record["loss_tokens"] == sum(len(json.loads(line)["context"]) + len(json.loads(line)["completion"]) - 1
-                                        for line in (files / "data.jsonl").read_text().splitlines())
+    assert ko["base_loss"] == pytest.approx(ref["loss"], rel=1e-5) and np.abs(ko["delta"]).max() > 1e-4
     assert (out / "head_importance.png").stat().st_size > 0
+
+    out = tmp_path / "michel"
+    assert _run("head-importance", "--init_checkpoint", str(files / "base"), "--data", str(files / "data.jsonl"),
+                "--out", str(out), "--batch_size", "1", "--definition", "michel", "--no_ffn") == 0
+    summary = json.loads((out / "head_importance.json").read_text())
+    assert summary["definition"] == "michel"
+    np.testing.assert_allclose(summary["models"][0]["head_importance"]["importance"], ref["michel"],
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_cli_errors_name_the_file(files, tmp_path, capsys):
@@ -295,3 +344,149 @@ def test_labels_become_unique_directory_names():
     from jt_lora.analysis.models import unique_slugs
 
     assert unique_slugs(["InA 30%", "InA 30%!", "LoRA", "../x", "%"]) == ["InA_30", "InA_30_2", "LoRA", "x", "model"]
+
+
+# ---------------------------------------------------------------------------------------------- adapter config
+
+
+def test_adapter_settings_come_from_the_adapter_config(files, tmp_path, capsys):
+    """Flags may repeat the adapter directory's config; a contradiction names flag and file."""
+    config = files / "ina30" / "jt_lora_adapter.json"
+    common = ["induction", "--init_checkpoint", str(files / "base"), "--adapter_dir", str(files / "ina30"),
+              "--num_sequences", "1", "--segment_len", "3", "--repeats", "2", "--exclude_ratio", "0"]
+    assert _run(*common, "--out", str(tmp_path / "ok"), "--adapter", "ina", "--lora_dim", "2",
+                "--lora_inhibition", "0.3") == 0
+    record = json.loads((tmp_path / "ok" / "induction.json").read_text())["models"][0]
+    assert record["adapter_dir"].endswith("ina30")
+    capsys.readouterr()
+    for flag, value, field in [("--lora_alpha", "16", "lora_attn_alpha"), ("--adapter", "lora", "adapter"),
+                               ("--lora_inhibition", "0.1", "lora_inhibition")]:
+        assert _run(*common, "--out", str(tmp_path / "bad"), flag, value) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag} {value}") and f"contradicts {field}=" in err and str(config) in err
+        assert len(err.splitlines()) == 1
+    assert _run("induction", "--init_checkpoint", str(files / "base"), "--out", str(tmp_path / "x"),
+                "--lora_dim", "4") == 1
+    assert "no --adapter_dir is given" in capsys.readouterr().err
+
+
+def test_every_default_is_shown_once():
+    from jt_lora.analysis.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.help is None:
+                continue
+            text = formatter._get_help_string(action) % {"default": action.default}
+            assert text.count("default") <= 1, (name, action.option_strings, text)
+            assert "(default: None)" not in text and "(default: False)" not in text
+            if action.dest in ("definition", "copying"):
+                assert text.endswith("(default: llm-interpret)")
+
+
+# ---------------------------------------------------------------------------------------------- I/O faults
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[0].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[0]
+
+
+def _attention_args(files, out):
+    return ["attention", "--init_checkpoint", str(files / "base"), "--data", str(files / "data.jsonl"),
+            "--out", str(out), "--dpi", "30"]
+
+
+def test_output_under_a_regular_file(files, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert _run(*_attention_args(files, blocker / "out")) == 1
+    line = _one_error_line(capsys)
+    assert str(blocker / "out") in line and "regular file" in line and "--out" in line
+
+
+def test_read_only_output(files, tmp_path, capsys, monkeypatch):
+    """A read-only directory (as root, which writes anyway, the file system's EROFS is simulated)."""
+    import errno
+    import os
+
+    from jt_lora import saving
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        def read_only(path, write):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+        monkeypatch.setattr(saving, "_atomic", read_only)
+        out = ro
+    else:
+        ro.chmod(0o500)
+        out = ro / "out"
+    try:
+        assert _run(*_attention_args(files, out)) == 1
+    finally:
+        ro.chmod(0o700)
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot write {out}") and "not writable" in line and "--out" in line
+
+
+def test_disk_full_keeps_the_finished_files(files, tmp_path, capsys, monkeypatch):
+    """ENOSPC on the last file (the summary JSON): one error line naming it; everything written
+    before stays complete."""
+    import errno
+
+    from jt_lora import saving
+
+    real = saving.atomic_write_text
+
+    def full(path, text):
+        if str(path).endswith("attention.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(saving, "atomic_write_text", full)
+    out = tmp_path / "out"
+    assert _run(*_attention_args(files, out)) == 1
+    line = _one_error_line(capsys)
+    assert line == f"error: cannot write {out / 'attention.json'}: no space left on the device; " \
+                   "free space or choose another --out"
+    assert not (out / "attention.json").exists()
+    average = np.load(out / "base" / "attention_average.npy")      # finished files are whole
+    assert average.shape[0] == 2 and np.isfinite(average).all()
+    assert json.loads((out / "attention_config.json").read_text())["command"] == "attention"
+
+
+def test_non_utf8_and_invalid_json_inputs_name_file_line_and_column(files, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"context": [1, 2], "completion": [3]}\n{"context": [1], "completion": [4\xff]}\n')
+    assert _run(*_attention_args(files, tmp_path / "o")[:-4], "--data", str(data), "--out", str(tmp_path / "o")) == 1
+    assert _one_error_line(capsys) == (f"error: {data}:2: not UTF-8 (byte 0xff at column 34); "
+                                       "save the file as UTF-8")
+
+    data.write_text('{"context": [1, 2], "completion": [3]}\n\n{"context": [1], "completion": [4,]}\n')
+    assert _run("attention", "--init_checkpoint", str(files / "base"), "--data", str(data),
+                "--out", str(tmp_path / "o")) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {data}:3:") and "35" in line and "invalid JSON" in line
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(files / "ina30", adapter)
+    config = adapter / "jt_lora_adapter.json"
+    lines = config.read_text().splitlines()
+    lines[2] = lines[2].rstrip(",")                                 # a missing comma on line 3
+    config.write_text("\n".join(lines) + "\n")
+    assert _run("induction", "--init_checkpoint", str(files / "base"), "--adapter_dir", str(adapter),
+                "--out", str(tmp_path / "o")) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {config}:4:") and "invalid JSON (Expecting ',' delimiter)" in line
+    config.write_bytes(b'{"adapter": "ina\xe9"}\n')
+    assert _run("induction", "--init_checkpoint", str(files / "base"), "--adapter_dir", str(adapter),
+                "--out", str(tmp_path / "o")) == 1
+    assert _one_error_line(capsys) == f"error: {config}:1: not UTF-8 (byte 0xe9 at column 17); save the file as UTF-8"

@@ -121,7 +121,7 @@ def test_hand_model_has_a_previous_token_head(hand_model):
 
 def test_induction_head_scores_high_and_random_head_low(hand_model):
     scores = ind.induction_scores(hand_model, num_sequences=6, segment_len=8, repeats=3,
-                                  exclude_ratio=0.0, bos_id=BOS, seed=0, batch_size=3)
+                                  exclude_ratio=0.0, bos_id=BOS, seed=0, batch_size=3, copying="actual-output")
     prefix, copying = scores["prefix_matching"].mean(0), scores["copying"].mean(0)   # [L, H]
     assert scores["prefix_matching"].shape == (6, 2, H) and scores["copying"].shape == (6, 2, H)
     assert prefix[1, 0] > 0.95 and copying[1, 0] > 0.95          # the hand-built induction head
@@ -129,6 +129,18 @@ def test_induction_head_scores_high_and_random_head_low(hand_model):
     assert prefix[0, 0] < 0.05                                    # previous-token head: wrong offset
     assert copying[0, 0] < 0.05 and copying[1, 2] < 0.05          # writes no token logit / writes nothing
     assert np.argmax(prefix) == np.ravel_multi_index((1, 0), prefix.shape)
+
+
+def test_llm_interpret_copying_reads_heads_on_the_embeddings(hand_model):
+    """Known answer for the script's definition: fed LayerNorm(embeddings), the induction head's
+    query finds no previous-token slot and falls back to BOS, while its value at j is token j's;
+    the raised probability of BOS is then 0, so the head scores exactly 0 (it scores > 0.95 on
+    what it actually writes). Heads that write nothing score 0 either way."""
+    tokens = ind.repeat_sequences(ind.random_token_sequences(3, 20, np.arange(24), seed=2), 1, BOS)
+    scores = ind.copying_scores(hand_model, tokens, "llm-interpret")
+    np.testing.assert_array_equal(scores[:, 1, 0], 0.0)
+    np.testing.assert_array_equal(scores[:, 1, 2:], 0.0)
+    assert ind.copying_scores(hand_model, tokens, "actual-output")[:, 1, 0].min() > 0.95
 
 
 def test_head_outputs_add_up_to_the_model_output():
@@ -172,6 +184,13 @@ def test_induction_cli_finds_the_hand_built_head(hand_model, tmp_path):
     assert np.array(record["prefix_matching"]["mean"]).shape == (2, H)
     assert np.array(record["copying"]["std"]).shape == (2, H)
     top = record["top_heads"][0]
-    assert (top["layer"], top["head"]) == (1, 0) and top["prefix_matching"] > 0.95 and top["copying"] > 0.95
+    assert (top["layer"], top["head"]) == (1, 0) and top["prefix_matching"] > 0.95 and top["copying"] == 0.0
     assert summary["settings"]["bos_id"] == BOS and summary["settings"]["copy_len"] == 24
+    assert summary["settings"]["copying"] == "llm-interpret"
+    rc = main(["induction", "--init_checkpoint", str(tmp_path / "hand"), "--out", str(out), "--num_sequences", "4",
+               "--segment_len", "8", "--repeats", "3", "--exclude_ratio", "0", "--bos_id", str(BOS),
+               "--batch_size", "2", "--no_progress", "--copying", "actual-output"])
+    summary = json.loads((out / "induction.json").read_text())
+    assert rc == 0 and summary["settings"]["copying"] == "actual-output"
+    assert summary["models"][0]["top_heads"][0]["copying"] > 0.95
     assert (out / "induction.png").stat().st_size > 0 and (out / "induction_config.json").exists()

@@ -5,8 +5,13 @@ Every subcommand compares one or more models: the base ``--init_checkpoint`` and
 e.g. a fully fine-tuned model, with ``--checkpoint PATH [--label TEXT]``). The base is a column of
 its own when no other model is given or with ``--include_base``. Models are loaded and analysed one
 at a time. Outputs go to ``--out``, each written atomically, next to ``<command>_config.json``
-(the resolved settings).
+(the resolved settings); the paths written are printed on stdout, also with ``--no_progress``.
+An adapter's type, rank, alpha, inhibition and slope come from its directory's config; the
+matching flags may only repeat them. Bad input and I/O faults (unwritable ``--out``, a full disk,
+undecodable or invalid files) end with one ``error:`` line naming the path, exit status 1, and the
+files already written left intact.
 """
+import errno
 import argparse
 import io
 import json
@@ -17,16 +22,20 @@ from typing import List
 
 import numpy as np
 
-from .models import ModelSpec, example_batches, load_model, num_batches, read_examples, unique_slugs
+from .models import (ADAPTER_FLAGS, ModelSpec, example_batches, load_model, num_batches, read_examples,
+                     unique_slugs)
 
 __all__ = ["build_parser", "main"]
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the uninformative None / False."""
+    """Shows each default once: not for None / False (the help sentence says what happens), nor
+    when the help text already states it."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        if "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -68,7 +77,16 @@ def _common(p: argparse.ArgumentParser, data: bool) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch_size", type=int, default=4, help="examples (sequences) per forward pass")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bars or per-model lines (the output paths are still printed)")
+    p.add_argument("--adapter", choices=["lora", "ina", "ia3"],
+                   help="adapter type; read from each --adapter_dir's config, and must agree with it if given")
+    p.add_argument("--lora_dim", type=int, help="LoRA rank; read from the adapter config (checked if given)")
+    p.add_argument("--lora_alpha", type=float, help="LoRA alpha; read from the adapter config (checked if given)")
+    p.add_argument("--lora_inhibition", type=float,
+                   help="InA inhibition; read from the adapter config (checked if given)")
+    p.add_argument("--lora_slope", type=float,
+                   help="InA gate's negative slope; read from the adapter config (checked if given)")
     if data:
         p.add_argument("--data", required=True, help="encoded JSONL ({'context': ids, 'completion': ids})")
         p.add_argument("--seq_len", type=int, default=512, help="examples are cut to this many tokens")
@@ -89,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--gamma", type=float, default=0.5,
                    help="power-law colour scale exponent (1 = linear; < 1 shows small probabilities)")
 
-    h = sub.add_parser("head-importance", help="Michel et al. head importance and FFN knock-out loss change",
-                       formatter_class=_Help)
+    h = sub.add_parser("head-importance", help="head importance (llm-interpret or Michel et al.) and FFN "
+                       "knock-out loss change", formatter_class=_Help)
     _common(h, data=True)
+    h.add_argument("--definition", default="llm-interpret", choices=["llm-interpret", "michel"],
+                   help="llm-interpret: sum of per-token |grad . context| per head, layers 0..L-2 over "
+                        "sum(length - 1), last layer over the loss tokens; michel: |d loss / d head mask|, "
+                        "each layer's row over its L2 norm")
     h.add_argument("--loss_tokens", default="completion", choices=["completion", "all"],
                    help="tokens of the loss: completion only (as in fine-tuning) or every next token")
     h.add_argument("--no_ffn", action="store_true", help="skip the FFN knock-out (n_layer extra passes)")
@@ -110,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--bos_id", type=int, default=None,
                    help="token before every sequence (default 50256 for GPT-2's vocabulary, else none; -1 = none)")
     i.add_argument("--seed", type=int, default=0, help="seed of the random sequences")
+    i.add_argument("--copying", default="llm-interpret", choices=["llm-interpret", "actual-output"],
+                   help="llm-interpret: as prefix_matching_copying.py (heads read LayerNorm(embeddings); the "
+                        "value at the current position through c_proj with its bias); actual-output: what "
+                        "the head writes in the model (attention-weighted values, no bias)")
     return p
 
 
@@ -124,11 +150,19 @@ def _specs(args) -> List[ModelSpec]:
             specs.append(ModelSpec(label, args.init_checkpoint, m["path"]))
         else:
             specs.append(ModelSpec(label, m["path"]))
+    flags = _adapter_flags(args)
+    if flags and not any(s.adapter_dir for s in specs):
+        raise ValueError(f"{', '.join(flags)} only check --adapter_dir configs, and no --adapter_dir is given")
     labels = [s.label for s in specs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ValueError(f"labels must differ; repeated: {dupes} (name each model with --label)")
     return specs
+
+
+def _adapter_flags(args) -> dict:
+    """The adapter flags given on the command line, ``{"--lora_alpha": 32.0, ...}``."""
+    return {flag: getattr(args, flag[2:]) for flag in ADAPTER_FLAGS if getattr(args, flag[2:]) is not None}
 
 
 def _bar(args, total: int, desc: str):
@@ -142,28 +176,57 @@ def _say(args, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+class OutputError(Exception):
+    """Writing ``path`` failed; the message says why and what to do."""
+
+    def __init__(self, path: Path, error: OSError):
+        code = error.errno
+        if code == errno.ENOSPC:
+            why = "no space left on the device; free space or choose another --out"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = "not writable (read-only location or no permission); choose another --out"
+        elif code in (errno.ENOTDIR, errno.EEXIST):
+            why = "a part of the path is a regular file, not a directory; choose another --out"
+        else:
+            why = f"{error.strerror or error}; choose another --out"
+        super().__init__(f"cannot write {path}: {why}")
+
+
+def _writing(path: Path, write) -> None:
+    """Run ``write()`` for ``path``; an OSError becomes an :class:`OutputError` naming it."""
+    try:
+        write()
+    except OSError as e:
+        raise OutputError(path, e) from None
+    _WRITTEN.append(path)
+
+
+_WRITTEN: List[Path] = []
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     from ..saving import atomic_write_bytes
 
     buf = io.BytesIO()
     np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
+    _writing(path, lambda: atomic_write_bytes(path, buf.getvalue()))
 
 
 def _save_json(path: Path, obj) -> None:
     from ..saving import atomic_write_text
 
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    _writing(path, lambda: atomic_write_text(path, json.dumps(obj, indent=1) + "\n"))
 
 
 def _save_png(args, fig, path: Path) -> None:
     from .plots import save_figure
 
-    save_figure(fig, path, dpi=args.dpi)
+    _writing(path, lambda: save_figure(fig, path, dpi=args.dpi))
 
 
 def _write_config(args, specs, out: Path) -> None:
-    config = {k: v for k, v in vars(args).items() if k not in ("models", "label")}
+    config = {k: v for k, v in vars(args).items() if k not in ("models", "label") + tuple(
+        flag[2:] for flag in ADAPTER_FLAGS)}
     config["models"] = [s.describe() for s in specs]
     for key in ("init_checkpoint", "data", "out"):
         if config.get(key):
@@ -200,7 +263,7 @@ def run_attention(args, specs, out: Path) -> dict:
     first, dataset, averages, records = None, None, [], []
     for spec, slug in zip(specs, slugs):
         start = time.time()
-        model = load_model(spec)
+        model = load_model(spec, _adapter_flags(args))
         first = _check_same_shape(model, first, spec)
         if dataset is None:
             dataset = read_examples(args.data, args.seq_len, model.config.vocab_size, args.max_examples)
@@ -253,16 +316,18 @@ def run_head_importance(args, specs, out: Path) -> dict:
     first, dataset, records = None, None, []
     for spec, slug in zip(specs, unique_slugs([s.label for s in specs])):
         start = time.time()
-        model = load_model(spec)
+        model = load_model(spec, _adapter_flags(args))
         first = _check_same_shape(model, first, spec)
         if dataset is None:
             dataset = read_examples(args.data, args.seq_len, model.config.vocab_size, args.max_examples)
         nb = num_batches(dataset, args.batch_size)
         bar = _bar(args, nb, f"{spec.label}: head importance")
-        imp = head_importance(model, example_batches(dataset, args.batch_size), args.loss_tokens, progress=bar)
+        imp = head_importance(model, example_batches(dataset, args.batch_size), args.loss_tokens,
+                              definition=args.definition, progress=bar)
         bar.close()
         record = {**spec.describe(), "dir": slug, "loss": imp["loss"], "loss_tokens": int(imp["tokens"]),
-                  "head_importance": {"raw": imp["raw"].tolist(), "normalized": imp["normalized"].tolist()},
+                  "positions": int(imp["positions"]),
+                  "head_importance": {"importance": imp["importance"].tolist(), "raw": imp["raw"].tolist()},
                   "ffn_knockout": None}
         if not args.no_ffn:
             bar = _bar(args, nb * model.config.n_layer, f"{spec.label}: FFN knock-out")
@@ -276,20 +341,34 @@ def run_head_importance(args, specs, out: Path) -> dict:
         record["seconds"] = round(time.time() - start, 2)
         records.append(record)
         _say(args, f"{spec.label}: loss {imp['loss']:.4f} over {int(imp['tokens'])} tokens")
-    summary = {"command": "head-importance", "num_examples": len(dataset), "loss_tokens": args.loss_tokens,
+    summary = {"command": "head-importance", "definition": args.definition, "num_examples": len(dataset),
+               "loss_tokens": args.loss_tokens, "batch_size": args.batch_size,
                "n_layer": first.n_layer, "n_head": first.n_head, "figure": "head_importance.png",
-               "note": "raw[l][h] = token-weighted mean over batches of |d mean-loss / d head_mask[l][h]| at "
-                       "mask 1; normalized = raw / L2 norm of layer l; ffn_knockout.delta[l] = loss without "
-                       "layer l's feed-forward block - loss of the intact model",
+               "note": _IMPORTANCE_NOTES[args.definition] + "; ffn_knockout.delta[l] = loss without layer l's "
+                       "feed-forward block - loss of the intact model",
                "models": records}
-    normalized = [np.array(r["head_importance"]["normalized"]) for r in records]
+    scores = [np.array(r["head_importance"]["importance"]) for r in records]
     deltas = [np.array(r["ffn_knockout"]["delta"]) if r["ffn_knockout"] else np.zeros(first.n_layer)
               for r in records]
-    title = f"Head importance (Michel et al. 2019) and FFN knock-out on {len(dataset)} examples"
-    _save_png(args, importance_figure(normalized, deltas, [s.label for s in specs], title),
+    name = "llm-interpret" if args.definition == "llm-interpret" else "Michel et al. 2019"
+    title = f"Head importance ({name}) and FFN knock-out on {len(dataset)} examples"
+    colour = ("sum |grad . context| per token" if args.definition == "llm-interpret"
+              else "|dL/dmask|, L2-normalised per layer")
+    _save_png(args, importance_figure(scores, deltas, [s.label for s in specs], title, colour),
               out / "head_importance.png")
     _save_json(out / "head_importance.json", summary)
     return summary
+
+
+_IMPORTANCE_NOTES = {
+    "llm-interpret": "importance[l][h] = sum over batches, examples and positions of |sum_d g*c|, c = head h's "
+                     "slice of layer l's attention context (before c_proj), g = d(batch mean loss over the loss "
+                     "tokens)/dc; layers 0..L-2 divided by positions = sum over examples of (real length - 1), "
+                     "the last layer by loss_tokens (amazon-science/llm-interpret calculate_importance); "
+                     "raw = importance",
+    "michel": "raw[l][h] = loss-token-weighted mean over batches of |d batch mean loss / d head_mask[l][h]| at "
+              "mask 1 (Michel et al. 2019); importance = raw / L2 norm of layer l",
+}
 
 
 def _top_heads(prefix: np.ndarray, copying: np.ndarray, k: int = 10):
@@ -305,7 +384,7 @@ def run_induction(args, specs, out: Path) -> dict:
     first, records, settings = None, [], None
     for spec, slug in zip(specs, unique_slugs([s.label for s in specs])):
         start = time.time()
-        model = load_model(spec)
+        model = load_model(spec, _adapter_flags(args))
         first = _check_same_shape(model, first, spec)
         bos = args.bos_id
         if bos is None:
@@ -314,10 +393,12 @@ def run_induction(args, specs, out: Path) -> dict:
             bos = None
         settings = {"num_sequences": args.num_sequences, "segment_len": args.segment_len,
                     "repeats": args.repeats, "copy_len": args.copy_len or args.segment_len * args.repeats,
-                    "exclude_ratio": args.exclude_ratio, "bos_id": bos, "seed": args.seed}
+                    "exclude_ratio": args.exclude_ratio, "bos_id": bos, "seed": args.seed,
+                    "copying": args.copying}
         bar = _bar(args, -(-args.num_sequences // args.batch_size), f"{spec.label}: induction")
         scores = induction_scores(model, args.num_sequences, args.segment_len, args.repeats, args.copy_len,
-                                  args.exclude_ratio, bos, args.seed, args.batch_size, progress=bar)
+                                  args.exclude_ratio, bos, args.seed, args.batch_size, copying=args.copying,
+                                  progress=bar)
         bar.close()
         del model
         _release()
@@ -332,7 +413,9 @@ def run_induction(args, specs, out: Path) -> dict:
                    f"({best['prefix_matching']:.3f}, copying {best['copying']:.3f})")
     summary = {"command": "induction", "settings": settings, "n_layer": first.n_layer, "n_head": first.n_head,
                "figure": "induction.png",
-               "note": "mean/std over sequences of [layer][head] scores in [0, 1]; see jt_lora/analysis/induction.py",
+               "note": "mean/std over sequences of [layer][head] scores in [0, 1]; copying by the definition in "
+                       "settings.copying (llm-interpret: prefix_matching_copying.py; actual-output: what the head "
+                       "writes); see jt_lora/analysis/induction.py",
                "models": records}
     rows = [("prefix matching", [np.array(r["prefix_matching"]["mean"]) for r in records], 0.0, 1.0),
             ("copying", [np.array(r["copying"]["mean"]) for r in records], 0.0, 1.0)]
@@ -348,15 +431,23 @@ _RUNNERS = {"attention": run_attention, "head-importance": run_head_importance, 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _WRITTEN.clear()
+    out = Path(args.out)
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
         specs = _specs(args)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        _writing(out, lambda: out.mkdir(parents=True, exist_ok=True))
+        _WRITTEN.pop()
         _write_config(args, specs, out)
         _RUNNERS[args.command](args, specs, out)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:   # reading: a directory where a file was expected, no permission, ...
+        print(f"error: cannot read {e.filename or 'an input'}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(_WRITTEN)} files to {out}:")
+    for path in _WRITTEN:
+        print(f"  {path}")
     return 0

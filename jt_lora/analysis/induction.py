@@ -210,11 +210,11 @@ def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repe
     pool = token_pool(cfg.vocab_size, exclude_ratio, bos_id)
     repeated = repeat_sequences(random_token_sequences(num_sequences, segment_len, pool, seed), repeats, bos_id)
     plain = repeat_sequences(random_token_sequences(num_sequences, copy_len, pool, seed + 1), 1, bos_id)
-    prefix, copying = [], []
+    prefix, copy_scores = [], []
     for start in range(0, num_sequences, batch_size):
         prefix.append(prefix_matching_scores(model, repeated[start:start + batch_size]))
-        copying.append(copying_scores(model, plain[start:start + batch_size], copying))
+        copy_scores.append(copying_scores(model, plain[start:start + batch_size], copying))
         if progress is not None:
             progress.update(1)
-    return {"prefix_matching": np.concatenate(prefix), "copying": np.concatenate(copying),
+    return {"prefix_matching": np.concatenate(prefix), "copying": np.concatenate(copy_scores),
             "prefix_tokens": repeated, "copying_tokens": plain}

@@ -5,6 +5,7 @@ adapter directory (LoRA, InA at some inhibition level, (IA)³), or another full 
 fully fine-tuned model written by ``save_pretrained``). Models are loaded one at a time, in eval
 mode with dropout off, so comparing several GPT-2 M variants needs memory for one model only.
 """
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,41 @@ from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
-__all__ = ["ModelSpec", "load_model", "unique_slugs", "example_batches", "read_examples"]
+__all__ = ["ModelSpec", "load_model", "unique_slugs", "example_batches", "read_examples", "read_json",
+           "check_utf8", "ADAPTER_FLAGS"]
+
+# Command-line flag -> adapter config field it must agree with (the adapter directory decides).
+ADAPTER_FLAGS = {"--adapter": "adapter", "--lora_dim": "lora_attn_dim", "--lora_alpha": "lora_attn_alpha",
+                 "--lora_inhibition": "lora_inhibition", "--lora_slope": "slope"}
+
+
+def check_utf8(path) -> None:
+    """ValueError naming ``path`` and the line when the file is not UTF-8 (readers decoding it
+    as text would otherwise fail with a bare ``UnicodeDecodeError``)."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
+
+
+def read_json(path) -> dict:
+    """A JSON object file; ValueError naming the file with the line and column of what is wrong."""
+    check_utf8(path)
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _slope_field(meta: dict) -> Optional[str]:
+    """The adapter config's InA slope field (named ``*slope*``), if it records one."""
+    return next((k for k in meta if "slope" in k), None)
 
 
 @dataclass
@@ -35,8 +70,37 @@ class ModelSpec:
                 "adapter_dir": str(Path(self.adapter_dir).resolve()) if self.adapter_dir else None}
 
 
-def load_model(spec: ModelSpec):
+def check_adapter_flags(adapter_dir, meta: dict, flags: Dict[str, object]) -> None:
+    """Flags given on the command line must agree with the adapter directory's own config.
+
+    Args:
+        flags: ``{"--lora_alpha": 32.0, ...}`` (flags not given are left out).
+
+    Raises:
+        ValueError: naming the flag, the config file and both values.
+    """
+    from ..saving import ADAPTER_CONFIG
+
+    for flag, value in flags.items():
+        field = ADAPTER_FLAGS[flag]
+        if field == "slope":
+            field = _slope_field(meta)
+        if field is None or field not in meta:
+            raise ValueError(f"{flag} {value}: {Path(adapter_dir) / ADAPTER_CONFIG} does not record it; "
+                             f"drop {flag} (the adapter directory's config decides)")
+        recorded = meta[field]
+        same = (float(recorded) == float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
+                else recorded == value)
+        if not same:
+            raise ValueError(f"{flag} {value} contradicts {field}={recorded!r} in "
+                             f"{Path(adapter_dir) / ADAPTER_CONFIG}; drop {flag} (the adapter's config decides)")
+
+
+def load_model(spec: ModelSpec, flags: Optional[Dict[str, object]] = None):
     """The model ``spec`` names, in eval mode (adapters merged where possible, dropout off).
+
+    The adapter type, rank, alpha, inhibition and slope come from the adapter directory's own
+    config; ``flags`` (command-line values) may only repeat them.
 
     Raises:
         FileNotFoundError: the checkpoint or adapter directory does not exist.
@@ -52,10 +116,17 @@ def load_model(spec: ModelSpec):
     if spec.adapter_dir is not None:
         if not Path(spec.adapter_dir).is_dir():
             raise FileNotFoundError(f"adapter directory not found: {spec.adapter_dir}")
+        from ..saving import ADAPTER_CONFIG
+
+        read_json(Path(spec.adapter_dir) / ADAPTER_CONFIG)   # bytes and syntax, with line and column
         meta = read_adapter_config(spec.adapter_dir)
+        check_adapter_flags(spec.adapter_dir, meta, flags or {})
         fields = {k: (tuple(meta[k]) if isinstance(meta[k], list) else meta[k])
                   for k in ADAPTER_FIELDS if k in meta}
     fields["lora_dropout"] = 0.0
+    config = Path(spec.checkpoint) / "config.json"
+    if config.is_file():
+        read_json(config)
     model = GPT2LMModel.from_pretrained(spec.checkpoint, **fields)
     if spec.adapter_dir is not None:
         load_adapter(model, spec.adapter_dir)
@@ -80,6 +151,7 @@ def read_examples(path, seq_len: int, vocab_size: int, max_examples: Optional[in
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    check_utf8(path)
     dataset = FTDataset(path, seq_len, vocab_size=vocab_size)
     if max_examples is not None and max_examples < len(dataset):
         if max_examples < 1:

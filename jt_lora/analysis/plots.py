@@ -158,21 +158,22 @@ def head_scores_figure(rows: Sequence[tuple], labels: Sequence[str], title: str)
     return fig
 
 
-def importance_figure(normalized: Sequence[np.ndarray], ffn_delta: Sequence[np.ndarray],
-                      labels: Sequence[str], title: str):
-    """Per model: the per-layer-normalised head importance heatmap above the FFN knock-out bars."""
+def importance_figure(importance: Sequence[np.ndarray], ffn_delta: Sequence[np.ndarray],
+                      labels: Sequence[str], title: str, colour_label: str = "head importance"):
+    """Per model: the head importance heatmap (one colour scale for all models) above the FFN
+    knock-out bars."""
     n_models = len(labels)
-    n_layer, n_head = normalized[0].shape
+    n_layer, n_head = importance[0].shape
     cell_w = min(4.5, max(2.8, 0.28 * n_head + 1.2))
     cell_h = min(5.0, max(2.2, 0.2 * n_layer + 1.2))
     fig = _figure(cell_w * n_models + 1.2, cell_h + 2.6 + 0.7)
     grid = fig.add_gridspec(2, n_models, height_ratios=[cell_h, 2.6])
-    hi = max(float(s.max()) for s in normalized)
+    hi = max(float(s.max()) for s in importance) or 1.0
     lo_d = min(0.0, min(float(d.min()) for d in ffn_delta))
     hi_d = max(0.0, max(float(d.max()) for d in ffn_delta))
     pad = 0.05 * (hi_d - lo_d or 1.0)
     heat_axes, im = [], None
-    for c, (scores, delta, label) in enumerate(zip(normalized, ffn_delta, labels)):
+    for c, (scores, delta, label) in enumerate(zip(importance, ffn_delta, labels)):
         ax = fig.add_subplot(grid[0, c])
         im = _score_axes(ax, scores, 0.0, hi, f"{label}: head importance")
         heat_axes.append(ax)
@@ -185,6 +186,6 @@ def importance_figure(normalized: Sequence[np.ndarray], ffn_delta: Sequence[np.n
         bar.set_ylabel("loss change (nats)", fontsize=8)
         bar.tick_params(labelsize=7)
         bar.set_title(f"{label}: FFN knock-out", fontsize=9)
-    fig.colorbar(im, ax=heat_axes, label="|dL/dmask|, L2-normalised per layer", shrink=0.9)
+    fig.colorbar(im, ax=heat_axes, label=colour_label, shrink=0.9)
     fig.suptitle(title, fontsize=11)
     return fig
