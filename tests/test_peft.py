@@ -112,7 +112,7 @@ def test_unknown_architecture_and_nothing_matched(base):
     with pytest.raises(ValueError, match="modules_to_save: no module named 'score'"):
         get_peft_model(model, LoraConfig(modules_to_save=["score"]))
     assert not _layers(model) and not _layers(model, ModulesToSaveWrapper)  # failed calls wrapped nothing
-    with pytest.raises(ValueError, match="adapter='none'"):
+    with pytest.raises(ValueError, match=r"from_pretrained\(path\) gives the plain model"):
         get_peft_model(GPT2LMModel(GPT2Config(**TINY, adapter="lora")), LoraConfig())
 
 
@@ -203,18 +203,31 @@ def test_lora_layer_forward_equals_delta_weight_and_leaves_disabled_parts(enable
         assert (same > 1e-3) if on else (same == 0.0)
 
 
-def test_ina_forward_is_the_gated_formula_and_refuses_to_merge():
-    model = _randomize(get_peft_model(_base(), LoraConfig(r=2, lora_alpha=6, lora_inhibition=0.4)))
+@pytest.mark.parametrize("grouped", [True, False])
+def test_ina_forward_is_the_reference_formula_and_refuses_to_merge(grouped):
+    """The InA reference per module: h = A·x, m = max over the rank, B·leaky_relu(h - inhibition·m, 0.01).
+    Grouped (q/v parts, jt_lora's default on GPT-2): each part is its own module; ``c_attn`` without
+    enable_lora: one module over the whole rank, as the reference adapts GPT-2."""
+    config = LoraConfig(r=2, lora_alpha=6, lora_inhibition=0.4)
+    if not grouped:
+        config = LoraConfig(r=4, lora_alpha=12, lora_inhibition=0.4, target_modules=["c_attn"])
+    model = _randomize(get_peft_model(_base(), config))
     layer = model.base_model.model.transformer.h[1].attn.c_attn
-    x = np.random.default_rng(4).normal(0, 1, (2, 3, N)).astype("float32")
-    y, y0 = _layer_io(layer, x)
+    x = np.random.default_rng(4).normal(0, 1, (2, 3, N)).astype("float32").astype(np.float64)
+    y, y0 = _layer_io(layer, x.astype("float32"))
     a, b = layer.lora_A["default"].weight.numpy(), layer.lora_B["default"].weight.numpy()
-    h = (x @ a.T).reshape(2, 3, 2, 2)  # [B, T, groups (q, v), r]
-    h = h - 0.4 * h.max(-1, keepdims=True)
-    h = np.where(h > 0, h, 0.1 * h)
-    q = h[..., 0, :] @ b[:N].T * 3.0
-    v = h[..., 1, :] @ b[N:].T * 3.0
-    np.testing.assert_allclose(y - y0, np.concatenate([q, np.zeros_like(q), v], -1), atol=1e-5)
+
+    def module(a, b):
+        h = x @ a.T
+        h = h - 0.4 * h.max(-1, keepdims=True)
+        return np.where(h > 0, h, 0.01 * h) @ b.T * 3.0
+
+    if grouped:
+        q, v = module(a[:2], b[:N]), module(a[2:], b[N:])
+        want = np.concatenate([q, np.zeros_like(q), v], -1)
+    else:
+        want = module(a, b)
+    np.testing.assert_allclose(y - y0, want, atol=1e-5)
     with pytest.raises(ValueError, match="InA.*cannot be merged"):
         model.merge_and_unload()
     assert _layers(model)  # nothing changed
@@ -602,3 +615,89 @@ def test_microsoft_lora_checkpoint_errors(tmp_path):
     layer = model.base_model.model.transformer.h[0].attn.c_attn
     assert isinstance(layer, LoraLayer) and layer.lora_B["default"].weight.numpy().sum() == 2 * N * 2
     assert isinstance(model.base_model.model.transformer.h[1].attn.c_attn, Linear)  # only layer 0 adapted
+
+
+# --- InA files: slope, legacy files, grouped layout -------------------------------------------
+def _rewrite_without_writer(path):
+    """Make a file look as jt_lora wrote it before the slope was recorded (no writer mark, no slope)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    weights = path / "adapter_model.safetensors"
+    with safe_open(str(weights), "np") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "jt_lora_writer"}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if "jt_lora_config" in meta:
+        inner = json.loads(meta["jt_lora_config"])
+        inner.pop("lora_inhibition_slope")
+        meta["jt_lora_config"] = json.dumps(inner)
+    save_file(state, str(weights), metadata=meta)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.pop("lora_inhibition_slope")
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return cfg
+
+
+def _gate_slopes(model):
+    return {layer.gate["default"].negative_slope for _, layer in _layers(model, LoraLayer)}
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_ina_file_records_slope_and_legacy_files_load_with_0_1(tmp_path, grouped):
+    targets = {} if grouped else {"target_modules": ["c_attn"]}
+    model = _randomize(get_peft_model(_base(), LoraConfig(r=2, lora_alpha=4, lora_inhibition=0.3,
+                                                          lora_inhibition_slope=0.1, **targets)))
+    ref = _logits(model)
+    with pytest.warns(UserWarning) if grouped else _no_warning():
+        model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_inhibition_slope"] == 0.1
+    np.testing.assert_array_equal(_logits(PeftModel.from_pretrained(_base(), tmp_path)), ref)
+    _rewrite_without_writer(tmp_path)
+    with pytest.warns(UserWarning, match=re.escape(str(tmp_path / "adapter_config.json")) + ".*using 0.1"):
+        legacy = PeftModel.from_pretrained(_base(), tmp_path)
+    assert _gate_slopes(legacy) == {0.1}
+    np.testing.assert_array_equal(_logits(legacy), ref)
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def test_ina_file_from_the_reference_code_reads_with_0_01(tmp_path):
+    """A file PEFT (the InA code's patched PEFT) wrote: layers_to_transform present, no jt_lora mark."""
+    model = _randomize(get_peft_model(_base(), LoraConfig(r=2, lora_alpha=4, lora_inhibition=0.3,
+                                                          target_modules=["c_attn"])))
+    model.save_pretrained(tmp_path, reference_compatible=True)
+    cfg = _rewrite_without_writer(tmp_path)
+    cfg["layers_to_transform"] = None
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with _no_warning():
+        loaded = PeftModel.from_pretrained(_base(), tmp_path)
+    assert _gate_slopes(loaded) == {0.01}
+    np.testing.assert_array_equal(_logits(loaded), _logits(model))
+
+
+def test_reference_export_refuses_grouped_ina_and_names_the_alternative(tmp_path):
+    model = _randomize(get_peft_model(_base(), LoraConfig(r=2, lora_alpha=4, lora_inhibition=0.3)))
+    with pytest.raises(ValueError, match=r"grouped InA.*max per part.*target_modules=\['c_attn'\].*without enable_lora"):
+        model.save_pretrained(tmp_path / "ref", reference_compatible=True)
+    assert not (tmp_path / "ref").exists()
+    with pytest.warns(UserWarning, match="grouped InA adapter 'default' written for jt_lora"):
+        model.save_pretrained(tmp_path / "jt")
+    reloaded = PeftModel.from_pretrained(_base(), tmp_path / "jt")  # the parts come back from the metadata
+    layer = reloaded.base_model.model.transformer.h[0].attn.c_attn
+    assert layer.enable_lora["default"] == (True, False, True) and layer.groups("default") == 2
+    np.testing.assert_array_equal(_logits(reloaded), _logits(model))
+    odd = _randomize(get_peft_model(_base(), LoraConfig(r=2, lora_alpha=4, lora_inhibition=0.3,
+                                                        lora_inhibition_slope=0.1, target_modules=["c_attn"])))
+    with pytest.raises(ValueError, match="always uses 0.01"):
+        odd.save_pretrained(tmp_path / "odd", reference_compatible=True)
+    plain = _randomize(get_peft_model(_base(), LoraConfig(r=2, lora_alpha=4)))
+    plain.save_pretrained(tmp_path / "lora", reference_compatible=True)  # grouped plain LoRA is exact in PEFT
+    assert "lora_inhibition_slope" not in json.loads((tmp_path / "lora" / "adapter_config.json").read_text())

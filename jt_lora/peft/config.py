@@ -1,10 +1,11 @@
 """Adapter configurations with HF PEFT's names, defaults and JSON format.
 
 ``LoraConfig`` and ``IA3Config`` take the fields of ``peft.LoraConfig`` /
-``peft.IA3Config`` that jt_lora implements, plus two of its own:
-``lora_inhibition`` (InA; the field name of the InA reference implementation)
-and ``enable_lora`` (loralib's per-part mask on a fused projection such as
-GPT-2's ``c_attn`` = q|k|v). Every value is checked when the config is built,
+``peft.IA3Config`` that jt_lora implements, plus three of its own:
+``lora_inhibition`` (InA; the field name of the InA reference implementation),
+``lora_inhibition_slope`` (the InA gate's leaky-ReLU slope) and ``enable_lora``
+(loralib's per-part mask on a fused projection such as GPT-2's ``c_attn`` =
+q|k|v). Every value is checked when the config is built,
 so a bad config fails at construction, not halfway through injection.
 
 ``from_dict`` reads an ``adapter_config.json`` written by PEFT or by jt_lora:
@@ -114,7 +115,10 @@ class LoraConfig(PeftConfig):
             (``lora_alpha / sqrt(r)`` with ``use_rslora``).
         lora_dropout: dropout on the input of the low-rank path, in [0, 1).
         lora_inhibition: InA's inhibition level in [0, 1); 0 is plain LoRA. InA gates the rank
-            activations ``h = A·x`` per token as ``leaky_relu(h - inhibition·max_r(h), 0.1)``.
+            activations ``h = A·x`` per token as ``leaky_relu(h - inhibition·max_r(h), slope)``, the
+            InA reference's formula (the max over each adapted part's rank with ``enable_lora``).
+        lora_inhibition_slope: the leaky-ReLU negative slope of the InA gate; 0.01 (torch's default,
+            which the InA reference uses).
         target_modules: a regex (full match on the module name), a list of names or name suffixes,
             ``'all-linear'``, or None for the architecture's default (GPT-2: ``c_attn``).
         exclude_modules: names never adapted, matched like ``target_modules``.
@@ -140,6 +144,7 @@ class LoraConfig(PeftConfig):
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     lora_inhibition: float = 0.0
+    lora_inhibition_slope: float = 0.01
     target_modules: Targets = None
     exclude_modules: Targets = None
     enable_lora: Optional[Tuple[bool, ...]] = None
@@ -167,6 +172,8 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.lora_inhibition < 1.0:
             raise ValueError(f"lora_inhibition must be in [0, 1), got {self.lora_inhibition}")
+        if not 0.0 <= self.lora_inhibition_slope < 1.0:
+            raise ValueError(f"lora_inhibition_slope must be in [0, 1), got {self.lora_inhibition_slope}")
         if self.enable_lora is not None:
             if isinstance(self.enable_lora, str) or len(self.enable_lora) == 0 or not any(self.enable_lora):
                 raise ValueError(f"enable_lora must be a non-empty sequence of bools with at least one True, "

@@ -11,9 +11,22 @@ rank ``g·r``, the same ``A`` and a block ``B`` with zero blocks, and
 ``lora_alpha`` ``g·alpha`` so that PEFT's ``alpha'/(g·r)`` equals ``alpha/r``
 (``sqrt(g)·alpha`` with rsLoRA). The grouped layout itself is kept in the
 safetensors metadata (``jt_lora_config``), which PEFT ignores, so jt_lora
-reads the file back with the same structure. InA adds ``lora_inhibition`` to
-adapter_config.json; stock PEFT drops that field with a warning and would
-compute a plain LoRA, so InA files are for jt_lora (or the InA reference code).
+reads the file back with the same structure.
+
+InA adds ``lora_inhibition`` (the InA reference's field) and
+``lora_inhibition_slope`` to adapter_config.json. Stock PEFT drops them with a
+warning and computes a plain LoRA. The InA reference code reads an ungrouped
+InA adapter exactly (its gate: max over the module's whole rank, slope 0.01);
+a grouped one it would misread, since jt_lora takes the max per part and the
+rank-``g·r`` PEFT layout no longer says where the parts are. So a grouped InA
+file is for jt_lora only (the parts are in the metadata), and
+``save_adapter_dir(..., reference_compatible=True)``, the export meant for the
+InA code or stock PEFT, refuses it and names the layout that matches the
+reference: ``target_modules=["c_attn"]`` without ``enable_lora``.
+
+InA files that jt_lora wrote before it recorded the slope were trained with
+0.1 and load so, with a warning naming the file; InA files from elsewhere
+without the field get the reference's 0.01.
 
 Loading checks everything (config, keys, shapes, zero blocks) before the
 model is changed, and undoes an injected adapter if anything fails.
@@ -28,19 +41,22 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from ..lora import INA_SLOPE, LEGACY_INA_SLOPE
 from ..saving import atomic_write_text, save_safetensors
 from .config import LoraConfig, IA3Config, PeftConfig, config_from_dict
 from .layers import IA3Layer, LoraLayer, assign
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFileError", "peft_state_dict", "peft_config_dict",
            "save_adapter_dir", "read_adapter", "read_adapter_files", "assign_state", "load_adapter_into",
-           "from_native", "MS_DEFAULT_ALPHA"]
+           "from_native", "MS_DEFAULT_ALPHA", "check_reference_compatible"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 META_KEY = "jt_lora_config"
+WRITER_KEY = "jt_lora_writer"  # marks every file jt_lora writes from now on
+SLOPE_FIELD = "lora_inhibition_slope"
 MS_DEFAULT_ALPHA = 32.0  # microsoft/LoRA's GPT-2 E2E recipe (--lora_dim 4 --lora_alpha 32); not in its files
 
 
@@ -97,6 +113,7 @@ def peft_config_dict(tuner, adapter_name: str) -> dict:
         out.pop("enable_lora")
         if config.lora_inhibition == 0.0:
             out.pop("lora_inhibition")
+            out.pop(SLOPE_FIELD)
         pairs = {k: _effective(l, adapter_name, config) for k, l in tuner.tuner_layers()
                  if isinstance(l, LoraLayer) and adapter_name in l}
         (r, alpha), _ = Counter(pairs.values()).most_common(1)[0]
@@ -107,17 +124,74 @@ def peft_config_dict(tuner, adapter_name: str) -> dict:
     return out
 
 
-def save_adapter_dir(tuner, adapter_name: str, out_dir) -> Path:
-    """Write one adapter as PEFT does: weights first, then the config, each atomically."""
+def _grouped_ina(tuner, adapter_name: str):
+    """Module names where adapter ``adapter_name`` is InA with a per-part (grouped) gate."""
+    config = tuner.peft_config[adapter_name]
+    if not isinstance(config, LoraConfig) or config.lora_inhibition == 0.0:
+        return []
+    return [k for k, l in tuner.tuner_layers() if isinstance(l, LoraLayer) and adapter_name in l
+            and l.groups(adapter_name) > 1]
+
+
+def check_reference_compatible(tuner, adapter_name: str):
+    """Raise unless the InA reference code (and, for LoRA/(IA)³, stock PEFT) reads the adapter as the
+    same model: a grouped InA gate takes its max per part, the reference over the whole rank."""
+    config = tuner.peft_config[adapter_name]
+    grouped = _grouped_ina(tuner, adapter_name)
+    if grouped:
+        raise ValueError(f"adapter {adapter_name!r} is a grouped InA adapter (enable_lora={list(config.enable_lora)} on "
+                         f"{grouped[0]}): its gate takes the max per part, while the InA reference takes it over the "
+                         f"module's whole rank, so the exported file would mean a different model; train with "
+                         f"LoraConfig(target_modules=['c_attn'], lora_inhibition=...) without enable_lora, which "
+                         f"matches the reference exactly")
+    if isinstance(config, LoraConfig) and config.lora_inhibition > 0 and config.lora_inhibition_slope != INA_SLOPE:
+        raise ValueError(f"adapter {adapter_name!r} uses lora_inhibition_slope={config.lora_inhibition_slope}; the InA "
+                         f"reference code always uses {INA_SLOPE}")
+
+
+def save_adapter_dir(tuner, adapter_name: str, out_dir, reference_compatible: bool = False) -> Path:
+    """Write one adapter as PEFT does: weights first, then the config, each atomically.
+
+    ``reference_compatible``: the file is meant for stock PEFT / the InA reference code; adapters
+    they would read as a different model are refused (see ``check_reference_compatible``). Without
+    it, a grouped InA adapter is written for jt_lora (its parts recorded in the metadata) with a
+    warning.
+    """
     out_dir = Path(out_dir)
     config = tuner.peft_config[adapter_name]
-    metadata = {"format": "pt"}
+    if reference_compatible:
+        check_reference_compatible(tuner, adapter_name)
+    elif _grouped_ina(tuner, adapter_name):
+        warnings.warn(f"{out_dir}: grouped InA adapter {adapter_name!r} written for jt_lora: the InA reference code "
+                      f"would take the gate's max over the whole rank of each module and compute a different model "
+                      f"(use target_modules=['c_attn'] without enable_lora for a file it reads exactly)")
+    metadata = {"format": "pt", WRITER_KEY: "1"}
     if isinstance(config, LoraConfig) and config.enable_lora is not None:
         metadata[META_KEY] = json.dumps(config.to_dict())
     save_safetensors(out_dir / WEIGHTS_NAME, peft_state_dict(tuner, adapter_name), metadata=metadata)
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(peft_config_dict(tuner, adapter_name), indent=2,
                                                         sort_keys=True))
     return out_dir
+
+
+def _written_by_old_jt_lora(data: dict, metadata: dict) -> bool:
+    """A file jt_lora wrote before it recorded the InA slope: its grouped-layout metadata, or a config
+    without ``layers_to_transform``, a field every PEFT release since 0.4 writes and jt_lora never did."""
+    if WRITER_KEY in metadata:
+        return False
+    return META_KEY in metadata or "layers_to_transform" not in data
+
+
+def _ina_slope(data: dict, metadata: dict, source: Path) -> Optional[float]:
+    """The slope to read an InA file with when it records none (None: recorded, or not InA)."""
+    if SLOPE_FIELD in data or not data.get("lora_inhibition"):
+        return None
+    if _written_by_old_jt_lora(data, metadata):
+        warnings.warn(f"{source}: InA adapter without {SLOPE_FIELD} (written by jt_lora before the slope was "
+                      f"recorded): using {LEGACY_INA_SLOPE}, the slope it was trained with (the InA reference uses "
+                      f"{INA_SLOPE})")
+        return LEGACY_INA_SLOPE
+    return INA_SLOPE
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -132,10 +206,8 @@ def read_adapter_files(path) -> Tuple[PeftConfig, Dict[str, np.ndarray], Optiona
         data = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{cfg_file}: invalid JSON ({e})") from e
-    try:
-        config = config_from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise AdapterFileError(f"{cfg_file}: {e}") from e
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{cfg_file}: expected a JSON object, got {type(data).__name__}")
     native, metadata = None, {}
     if (path / WEIGHTS_NAME).exists():
         weights = path / WEIGHTS_NAME
@@ -156,10 +228,18 @@ def read_adapter_files(path) -> Tuple[PeftConfig, Dict[str, np.ndarray], Optiona
     if stray:
         raise AdapterFileError(f"{weights}: keys without the '{PREFIX}' prefix PEFT writes: {stray[:4]}")
     state = {k[len(PREFIX):]: np.asarray(v, dtype=np.float32) for k, v in state.items()}
+    slope = _ina_slope(data, metadata, cfg_file)
+    try:
+        config = config_from_dict(data if slope is None else {**data, SLOPE_FIELD: slope})
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{cfg_file}: {e}") from e
     if META_KEY in metadata:
         try:
-            native = config_from_dict(json.loads(metadata[META_KEY]))
-        except (TypeError, ValueError) as e:
+            native = json.loads(metadata[META_KEY])
+            if slope is not None and SLOPE_FIELD not in native:
+                native[SLOPE_FIELD] = slope
+            native = config_from_dict(native)
+        except (TypeError, ValueError, AttributeError) as e:
             raise AdapterFileError(f"{weights}: bad {META_KEY} metadata ({e})") from e
     return config, state, native
 
@@ -331,6 +411,7 @@ def from_native(model, adapter_name: str = "default"):
     else:
         config = LoraConfig(r=cfg.lora_attn_dim, lora_alpha=cfg.lora_attn_alpha, lora_dropout=cfg.lora_dropout,
                             lora_inhibition=cfg.lora_inhibition if cfg.adapter == "ina" else 0.0,
+                            lora_inhibition_slope=cfg.lora_inhibition_slope,
                             target_modules=tuple(tensors), enable_lora=cfg.lora_enable, fan_in_fan_out=True)
     peft_model = PeftModel(model, config, adapter_name)
     tuner = peft_model.base_model

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..backend import jt, nn
-from ..lora import InhibitionGate, kaiming_uniform
+from ..lora import INA_SLOPE, InhibitionGate, kaiming_uniform
 from ..modes import AdapterModule
 
 __all__ = ["ModuleDict", "ParameterDict", "LoraWeight", "TunerLayer", "LoraLayer", "IA3Layer",
@@ -222,7 +222,7 @@ class LoraLayer(TunerLayer):
 
     def update_layer(self, name: str, r: int, lora_alpha: float, scaling: float, lora_dropout: float = 0.0,
                      lora_inhibition: float = 0.0, enable_lora: Optional[Sequence[bool]] = None,
-                     init_lora_weights=True):
+                     init_lora_weights=True, lora_inhibition_slope: float = INA_SLOPE):
         """Add adapter ``name``; ``enable_lora`` applies only when ``out == len(enable_lora)·in``."""
         n_in, n_out = self.in_features, self.out_features
         enable = tuple(enable_lora) if enable_lora is not None and n_out == len(enable_lora) * n_in else None
@@ -238,7 +238,7 @@ class LoraLayer(TunerLayer):
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
         self.lora_dropout[name] = float(lora_dropout)
         self.enable_lora[name] = enable
-        self.gate[name] = InhibitionGate(lora_inhibition)
+        self.gate[name] = InhibitionGate(lora_inhibition, lora_inhibition_slope)
 
     def _forget(self, name):
         for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.enable_lora, self.gate):

@@ -1,7 +1,7 @@
 """``PeftModel``: HF PEFT's wrapper API on a jt_lora GPT-2.
 
     from jt_lora import GPT2LMModel, LoraConfig, get_peft_model
-    model = get_peft_model(GPT2LMModel.from_pretrained("gpt2"), LoraConfig(r=4, lora_alpha=32))
+    model = get_peft_model(GPT2LMModel.from_pretrained("gpt2"), LoraConfig(r=4, lora_alpha=32))  # plain base
     model.print_trainable_parameters()
     logits, _ = model(input_ids)              # forward (and generation) pass through
     model.save_pretrained("out/adapter")      # adapter_config.json + adapter_model.safetensors
@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from ..modes import AdapterModule
 from .config import PeftConfig
-from .interop import assign_state, load_adapter_into, read_adapter, save_adapter_dir
+from .interop import assign_state, check_reference_compatible, load_adapter_into, read_adapter, save_adapter_dir
 from .tuner import TUNERS
 
 __all__ = ["PeftModel", "get_peft_model"]
@@ -125,14 +125,23 @@ class PeftModel(AdapterModule):
         return self.base_model.unload()
 
     # --- files ---------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, selected_adapters: Optional[Sequence[str]] = None):
+    def save_pretrained(self, save_directory, selected_adapters: Optional[Sequence[str]] = None,
+                        reference_compatible: bool = False):
         """Write each adapter as HF PEFT does: ``default`` in ``save_directory``, others in
-        ``save_directory/<name>``; each file atomically."""
+        ``save_directory/<name>``; each file atomically.
+
+        ``reference_compatible=True`` is the export for stock PEFT / the InA reference code: it
+        refuses, before writing anything, adapters they would read as a different model (a
+        q/v-grouped InA adapter; InA with a slope other than 0.01).
+        """
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self.base_model._check_names(names)
+        if reference_compatible:
+            for name in names:
+                check_reference_compatible(self.base_model, name)
         for name in names:
             out = Path(save_directory) if name == "default" else Path(save_directory) / name
-            save_adapter_dir(self.base_model, name, out)
+            save_adapter_dir(self.base_model, name, out, reference_compatible)
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False,
                      config: Optional[PeftConfig] = None):

@@ -78,7 +78,7 @@ class BaseTuner(AdapterModule):
         adapter = getattr(getattr(model, "config", None), "adapter", "none")
         if adapter != "none":
             raise ValueError(f"the model was built with its own adapter (config.adapter={adapter!r}); build the base "
-                             f"with adapter='none' (GPT2LMModel.from_pretrained(path, adapter='none')), or convert "
+                             f"without one (GPT2LMModel.from_pretrained(path) gives the plain model), or convert "
                              f"a natively trained adapter with jt_lora.peft.from_native(model)")
         self.model = model
         self.peft_config: Dict[str, PeftConfig] = {}
@@ -370,7 +370,8 @@ class LoraModel(BaseTuner):
     def _update_layer(self, layer, adapter_name, config: LoraConfig, key):
         r, alpha = config.rank_for(key), config.alpha_for(key)
         layer.update_layer(adapter_name, r, alpha, config.scaling(r, alpha), config.lora_dropout,
-                           config.lora_inhibition, config.enable_lora, config.init_lora_weights)
+                           config.lora_inhibition, config.enable_lora, config.init_lora_weights,
+                           config.lora_inhibition_slope)
 
     def _mark_bias_trainable(self, adapter_ids):
         modes = {self.peft_config[a].bias for a in self.active_adapters if a in self.peft_config}
