@@ -1,4 +1,5 @@
-"""The oneDNN batched product used by attention: values and gradients equal jt.matmul's."""
+"""The CPU kernels (oneDNN products, few-row products, (IA)³ scaling, masked softmax): values and
+gradients against numpy computations, never against the ops they replace."""
 import numpy as np
 import pytest
 
@@ -98,27 +99,41 @@ def test_scale_last_dim_values_and_gradients():
     np.testing.assert_allclose(gs.numpy(), (x.numpy() * g).reshape(-1, 7).sum(0), rtol=1e-4, atol=1e-5)
 
 
+def _softmax_ref(scores, keep, add, sqrt_d, g):
+    """numpy float64: p = softmax(w/√d·keep + add) and dL/dw for L = sum(p·g)."""
+    z = scores.astype(np.float64) / sqrt_d * keep + add
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    dz = p * (g - (p * g).sum(-1, keepdims=True))
+    return p, dz / sqrt_d * keep
+
+
 @pytest.mark.parametrize("keep_batch,keep_heads", [(1, 1), (2, 1), (2, 3)])
-def test_attention_softmax_matches_the_reference_formula(keep_batch, keep_heads):
-    """Values and score gradients of the fused masked softmax equal softmax(w/√d·keep + add) done
-    with ordinary ops, for keep masks broadcast over batch and/or heads (with fully padded keys)."""
+def test_attention_softmax_matches_float64_reference(keep_batch, keep_heads):
+    """Values and score gradients of the fused masked softmax equal the reference's
+    softmax(w/√d·keep - 1e10·(1-keep)) computed in numpy float64 (gradient by its closed form), for keep
+    masks broadcast over batch and/or heads (with masked keys), and on causal_mask with padding."""
     from jt_lora.kernels import attention_softmax
     from jt_lora.model import causal_mask
     rng = np.random.default_rng(keep_batch * 10 + keep_heads)
     b, h, tq, tk = 2, 3, 4, 6
-    scores = jt.array(rng.normal(0, 3, size=(b, h, tq, tk)).astype("float32"))
+    scores_np = rng.normal(0, 3, size=(b, h, tq, tk)).astype("float32")
     keep_np = (rng.random((keep_batch, keep_heads, tq, tk)) < 0.7).astype("float32")
     keep_np[..., -1] = 1.0                       # every row sees at least one key
-    keep = jt.array(keep_np)
-    add = (keep - 1.0) * 1e10
-    g = jt.array(rng.normal(size=(b, h, tq, tk)).astype("float32"))
-    got = attention_softmax(scores, keep, add, 8.0)
-    want = jt.nn.softmax(scores / 8.0 * keep + add, dim=-1)
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-7)
-    (g_got,) = jt.grad((got * g).sum(), [scores])
-    (g_want,) = jt.grad((want * g).sum(), [scores])
-    np.testing.assert_allclose(g_got.numpy(), g_want.numpy(), rtol=1e-4, atol=1e-6)
-    keep_c, add_c = causal_mask(3, 2, jt.array(np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], np.float32)))
-    s2 = jt.array(rng.normal(size=(2, 3, 3, 5)).astype("float32"))
-    np.testing.assert_allclose(attention_softmax(s2, keep_c, add_c, 8.0).numpy(),
-                               jt.nn.softmax(s2 / 8.0 * keep_c + add_c, dim=-1).numpy(), rtol=1e-5, atol=1e-7)
+    add_np = (keep_np - 1.0) * 1e10
+    g_np = rng.normal(size=(b, h, tq, tk)).astype("float32")
+    scores = jt.array(scores_np)
+    got = attention_softmax(scores, jt.array(keep_np), jt.array(add_np), 8.0)
+    p_ref, dz_ref = _softmax_ref(scores_np, keep_np, add_np, 8.0, g_np)
+    assert (p_ref[np.broadcast_to(keep_np, p_ref.shape) == 0] == 0).all()
+    np.testing.assert_allclose(got.numpy(), p_ref, rtol=1e-5, atol=1e-7)
+    (g_got,) = jt.grad((got * jt.array(g_np)).sum(), [scores])
+    np.testing.assert_allclose(g_got.numpy(), dz_ref, rtol=1e-4, atol=1e-6)
+    pad = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], np.float32)
+    keep_c, add_c = causal_mask(3, 2, jt.array(pad))
+    s2 = rng.normal(size=(2, 3, 3, 5)).astype("float32")
+    keep_ref = np.tril(np.ones((5, 5), np.float32))[2:5][None, None] * pad[:, None, None, :]
+    p2, _ = _softmax_ref(s2, keep_ref, (keep_ref - 1.0) * 1e10, 8.0, np.zeros_like(s2))
+    np.testing.assert_allclose(attention_softmax(jt.array(s2), keep_c, add_c, 8.0).numpy(), p2,
+                               rtol=1e-5, atol=1e-7)
