@@ -47,8 +47,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
-                or "default" in text):
+        if (not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or "default" in text):  # identity: a default of 0 is shown, False (a switch) is not
             return text
         return f"{text} (default: %(default)s)"
 
@@ -65,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "checkpoint); its shape is used (default: random init, demo only)")
     a("--model_card", default="gpt2.md", choices=sorted(MODEL_CARDS),
       help="model shape for a random init; with --init_checkpoint the checkpoint's shape wins (warned)")
-    a("--n_layer", type=int, default=None, help="random init only: override the card's depth")
-    a("--n_embd", type=int, default=None, help="random init only: override the card's width")
+    a("--n_layer", type=int, default=None, help="random init only: the depth (default: the card's)")
+    a("--n_embd", type=int, default=None, help="random init only: the width (default: the card's)")
     a("--n_head", type=int, default=None,
       help="attention heads: overrides the card, or gives a checkpoint of non-standard width its head "
            "count (default: the card's, or the standard count for the checkpoint's width)")
-    a("--vocab_size", type=int, default=None, help="random init only: override the vocabulary size (tests)")
+    a("--vocab_size", type=int, default=None, help="random init only: the vocabulary size, for tests (default: 50257)")
     a("--train_batch_size", type=int, default=8, help="examples per process per micro-batch")
     a("--valid_batch_size", type=int, default=4, help="examples per process per validation batch")
     a("--grad_acc", type=int, default=1, help="micro-batches per optimiser update")

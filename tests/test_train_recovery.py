@@ -113,6 +113,7 @@ def test_help_shows_each_default_once(capsys):
     assert "(default: no step limit, --max_epoch epochs)" in flat
     assert "(0 = only at the end) (default: 1000)" in flat  # --save_interval
     assert "(default: 0.3 with --adapter ina)" in flat
+    assert "gradient-norm clip (0 = off) (default: 0.0)" in flat and "warm-up (default: 0)" in flat
 
 
 # -- work_dir ownership -------------------------------------------------------------------------
