@@ -8,14 +8,16 @@
 #       [--vocab DIR] [--output_ref_file FILE] [--output_pred_file FILE] [--ref_unique_file FILE]
 #
 # The reference and prediction files default to e2e_ref.txt and e2e_pred.txt beside the sample
-# file. METEOR needs Java (apt-get install default-jre-headless).
+# file; the vocabulary defaults to the gpt2-vocab asset. METEOR needs Java (apt-get install
+# default-jre-headless). A bad input or an I/O fault stops with one line naming the file.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY="python3"; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
+usage_text() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+usage() { usage_text; exit "${1:-0}"; }
 
 sample_file="" input_file="" vocab="" ref_file="" pred_file="" unique_file=""
 while [ $# -gt 0 ]; do
@@ -26,7 +28,14 @@ while [ $# -gt 0 ]; do
     --output_ref_file) ref_file="${2:?--output_ref_file needs a value}"; shift 2 ;;
     --output_pred_file) pred_file="${2:?--output_pred_file needs a value}"; shift 2 ;;
     --ref_unique_file) unique_file="${2:?--ref_unique_file needs a value}"; shift 2 ;;
-    -h|--help) usage 0 ;;
+    -h|--help)
+      usage_text
+      echo
+      echo "Step 1, python -m jt_lora.decode:"
+      "$PY" -m jt_lora.decode --help
+      echo
+      echo "Step 2, python -m jt_lora.metrics:"
+      exec "$PY" -m jt_lora.metrics --help ;;
     *) echo "run_metric.sh: unknown argument: $1" >&2; usage 2 >&2 ;;
   esac
 done

@@ -110,24 +110,38 @@ def bench_hf(args) -> dict:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m jt_lora.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="gpt2.sm", choices=["gpt2.sm", "gpt2.md", "gpt2.lg"])
-    p.add_argument("--mode", default="train", choices=["train", "beam"])
-    p.add_argument("--adapter", default="lora", choices=["lora", "ina", "ia3"])
-    p.add_argument("--batch", type=int, default=8)
+    from .cli import DefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m jt_lora.bench", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--model", default="gpt2.sm", choices=["gpt2.sm", "gpt2.md", "gpt2.lg"], help="model card")
+    p.add_argument("--mode", default="train", choices=["train", "beam"], help="workload")
+    p.add_argument("--adapter", default="lora", choices=["lora", "ina", "ia3"],
+                   help="adapter (r 4, alpha 32; InA inhibition 0.3)")
+    p.add_argument("--batch", type=int, default=8, help="examples (train) or prompts (beam) per batch")
     p.add_argument("--seq", type=int, default=128, help="train: tokens per example")
     p.add_argument("--loss_fraction", type=float, default=1.0,
                    help="train: share of positions that carry loss (E2E completions are about half)")
-    p.add_argument("--beam", type=int, default=10)
-    p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--prompt_len", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compare", choices=["hf"], default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--beam", type=int, default=10, help="beam: beam size")
+    p.add_argument("--new_tokens", type=int, default=64, help="beam: tokens generated per prompt")
+    p.add_argument("--prompt_len", type=int, default=32, help="beam: prompt tokens")
+    p.add_argument("--steps", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    p.add_argument("--compare", choices=["hf"], default=None,
+                   help="also run transformers + PEFT in a child process (default: no comparison)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--table", metavar="RESULTS_JSONL", default=None,
                    help="print a Markdown table of earlier --json results and exit")
     return p
+
+
+def validate_args(args) -> None:
+    """Every size checked before any work: a zero batch would time nothing and report 0 tokens/s."""
+    from .cli import positive_int
+    for flag in ("batch", "seq", "beam", "new_tokens", "prompt_len", "steps"):
+        positive_int(f"--{flag}", getattr(args, flag))
+    positive_int("--warmup", args.warmup, 0)
+    if not 0 < args.loss_fraction <= 1:
+        raise ValueError(f"--loss_fraction must be in (0, 1], got {args.loss_fraction}")
 
 
 def machine_line() -> str:
@@ -167,10 +181,16 @@ def table(path) -> str:
 
 
 def main(argv=None) -> int:
+    from .cli import run_cli
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: _run(args), "jt_lora.bench")
+
+
+def _run(args) -> int:
     if args.table:
         print(table(args.table))
         return 0
+    validate_args(args)
     ours = bench_jittor(args)
     ours["peak_rss_mb"] = peak_rss_mb()
     result = {"model": args.model, "mode": args.mode, "adapter": args.adapter, "batch": args.batch,

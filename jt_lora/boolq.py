@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from jt_lora.assets import try_find_asset
+from jt_lora.textio import iter_text_lines
 from jt_lora.e2e_data import (
     BOS_ID,
     EOS_ID,
@@ -128,20 +129,19 @@ def read_boolq(path, *, skip_bad_lines: bool = False, limit: Optional[int] = Non
     """
     path = Path(path)
     bad, examples = _BadLines(path, skip_bad_lines), []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad(line_no, f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            example = _check_record(record, bad, line_no)
-            if example is not None:
-                examples.append(example)
+    for line_no, line in iter_text_lines(path):   # non-UTF-8 bytes: an error naming file:line:column
+        if limit is not None and len(examples) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.rstrip("\r\n"))   # with the line end, errors say "column 1"
+        except json.JSONDecodeError as e:
+            bad(line_no, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        example = _check_record(record, bad, line_no)
+        if example is not None:
+            examples.append(example)
     if not examples:
         raise ValueError(f"{path}: no usable examples ({len(bad.found)} bad lines skipped)")
     return ReadResult(path, examples, bad.found)

@@ -13,7 +13,7 @@ import errno
 import sys
 from typing import Callable, Optional
 
-__all__ = ["DefaultsHelpFormatter", "describe_os_error", "run_cli"]
+__all__ = ["DefaultsHelpFormatter", "RawDescriptionDefaultsHelpFormatter", "describe_os_error", "run_cli"]
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -32,6 +32,10 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
                 or action.default is argparse.SUPPRESS or not action.option_strings):
             return text
         return text + " (default: %(default)s)"
+
+
+class RawDescriptionDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults as above, and the description printed as written (usage examples keep their lines)."""
 
 
 _HINTS = {

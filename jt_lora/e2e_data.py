@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from jt_lora.assets import try_find_asset
+from jt_lora.textio import iter_text_lines
 
 BOS_ID = EOS_ID = 50256
 FORMAT_VERSION = 1
@@ -152,18 +153,17 @@ def read_txt(path, *, skip_bad_lines: bool = False, limit: Optional[int] = None)
     """
     path = Path(path)
     bad, examples, n_lines = _BadLines(path, skip_bad_lines), [], 0
-    with open(path, encoding="utf-8-sig") as f:
-        for n_lines, line in enumerate(f, 1):
-            if limit is not None and len(examples) >= limit:
-                break
-            parts = line.strip().split(SEPARATOR)
-            if len(parts) != 2:
-                what = "a blank line" if not line.strip() else f"{len(parts) - 1} '||' separators, expected 1"
-                bad(n_lines, f"{what}: {line.strip()[:80]!r}")
-            elif not parts[0].strip() or not parts[1].strip():
-                bad(n_lines, f"empty {'MR' if not parts[0].strip() else 'text'}: {line.strip()[:80]!r}")
-            else:
-                examples.append(Example(parts[0], parts[1], n_lines))
+    for n_lines, line in iter_text_lines(path):   # non-UTF-8 bytes: an error naming file:line:column
+        if limit is not None and len(examples) >= limit:
+            break
+        parts = line.strip().split(SEPARATOR)
+        if len(parts) != 2:
+            what = "a blank line" if not line.strip() else f"{len(parts) - 1} '||' separators, expected 1"
+            bad(n_lines, f"{what}: {line.strip()[:80]!r}")
+        elif not parts[0].strip() or not parts[1].strip():
+            bad(n_lines, f"empty {'MR' if not parts[0].strip() else 'text'}: {line.strip()[:80]!r}")
+        else:
+            examples.append(Example(parts[0], parts[1], n_lines))
     return _finish(path, examples, bad, n_lines)
 
 
@@ -186,8 +186,8 @@ def read_csv(
         raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {text_style!r}")
     path = Path(path)
     bad, examples = _BadLines(path, skip_bad_lines), []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
+    with contextlib.closing(iter_text_lines(path)) as lines:
+        reader = csv.reader(text for _, text in lines)   # UTF-8 checked per line, file:line:column
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{path}: file is empty (no examples)")

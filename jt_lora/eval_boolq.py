@@ -304,6 +304,9 @@ def _validate(args) -> None:
     positive_int("--batch_size", args.batch_size)
     positive_int("--seq_len", args.seq_len)
     positive_int("--max_examples", args.max_examples)
+    if not args.predictions:
+        from .model_flags import check_model_flags
+        check_model_flags(args)
     if args.output_file:
         out = Path(args.output_file)
         for parent in out.parents:

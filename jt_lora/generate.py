@@ -535,6 +535,8 @@ def validate_args(args) -> None:
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"--data file not found: {args.data}")
     _check_writable_dir(Path(args.work_dir))
+    from .model_flags import check_model_flags
+    check_model_flags(args)
 
 
 def _check_writable_dir(work_dir: Path) -> None:

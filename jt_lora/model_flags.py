@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["LORA_DIM", "LORA_ALPHA", "add_model_flags", "resolve_adapter", "build_model"]
+__all__ = ["LORA_DIM", "LORA_ALPHA", "add_model_flags", "resolve_adapter", "resolve_shape", "check_model_flags",
+           "build_model"]
 
 LORA_DIM = 4         # the LoRA paper's E2E rank; jt_lora.train's default
 LORA_ALPHA = 32.0    # the LoRA paper's alpha; jt_lora.train's default
@@ -172,6 +173,15 @@ def resolve_shape(arch: dict, weights: str, args, recorded: Optional[dict] = Non
                  f"(n_embd={shape['n_embd']}, n_layer={shape['n_layer']}, n_head={shape['n_head']}); "
                  f"using the checkpoint's shapes")
     return shape
+
+
+def check_model_flags(args) -> dict:
+    """The adapter fields the flags resolve to, checked before any weights are read (cheap)."""
+    from .saving import ADAPTER_CONFIG, ADAPTER_FIELDS, read_adapter_config
+    if args.adapter_dir is None:
+        return resolve_adapter(args, fields=ADAPTER_FIELDS)
+    meta = read_adapter_config(args.adapter_dir)
+    return resolve_adapter(args, meta, str(Path(args.adapter_dir) / ADAPTER_CONFIG), ADAPTER_FIELDS)
 
 
 def build_model(args):

@@ -26,3 +26,22 @@ else
 fi
 ADAPTER_DIR="${ADAPTER_DIR:-$WORK_DIR/adapter}"   # the final adapter training writes; "none": base only
 case "$ADAPTER_DIR" in /*|none) ;; *) ADAPTER_DIR="$PWD/$ADAPTER_DIR" ;; esac
+# --help / -h: the wrapper's own usage (its header comment and these settings), then the help of
+# the command it runs; exits 0 without touching data. Usage: boolq_help "$0" "$@" -- CMD...
+boolq_help() {
+  local script="$1"; shift
+  local wants=0
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do
+    case "$1" in -h|--help) wants=1 ;; esac
+    shift
+  done
+  [ "$wants" = 1 ] || return 0
+  shift
+  echo "usage: [ENV=...] $script [flags]"
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$script"
+  echo
+  echo "Settings now (examples/BoolQ/defaults.sh): DATA_DIR=$DATA_DIR WORK_DIR=$WORK_DIR CKPT=$CKPT"
+  echo "  MODEL_CARD=$MODEL_CARD SEQ_LEN=$SEQ_LEN ADAPTER_DIR=$ADAPTER_DIR PYTHON=$PY"
+  echo
+  cd "$BOOLQ_ROOT" && PYTHONPATH="$BOOLQ_ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$@"
+}

@@ -7,6 +7,7 @@
 # Environment: see examples/BoolQ/defaults.sh; ADAPTER_DIR (default WORK_DIR/adapter).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/defaults.sh"
+boolq_help "$0" "$@" -- "$PY" -m jt_lora.eval_boolq --help
 if [ "$ADAPTER_DIR" = none ]; then
   model=(--init_checkpoint "$BASE")
 else
@@ -14,5 +15,5 @@ else
 fi
 cd "$BOOLQ_ROOT"
 PYTHONPATH="$BOOLQ_ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m jt_lora.eval_boolq \
-  --data "$DATA_DIR/test.jsonl" "${model[@]}" --model_card "$MODEL_CARD" --seq_len "$SEQ_LEN" \
+  --data "$DATA_DIR/test.jsonl" "${model[@]}" --seq_len "$SEQ_LEN" \
   --output_file "$WORK_DIR/eval_boolq.loglik.jsonl" "$@"

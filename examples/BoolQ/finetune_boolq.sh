@@ -8,6 +8,7 @@
 # and PYTHON are passed on to finetune.sh.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/defaults.sh"
+boolq_help "$0" "$@" -- bash "$BOOLQ_ROOT/finetune.sh" --help
 for split in train valid; do
   if [ ! -f "$DATA_DIR/$split.jsonl" ]; then
     echo "error: $DATA_DIR/$split.jsonl not found; run examples/BoolQ/prepare_boolq.py --out_dir $DATA_DIR" >&2

@@ -30,7 +30,8 @@ def _valid_size(text: str) -> float:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from jt_lora.cli import RawDescriptionDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="data/boolq_prepared", help="where {split}.jsonl and {split}_formatted.jsonl go")
     p.add_argument("--train", default=None, help="official train JSONL (default: boolq/train.jsonl in the data roots)")
     p.add_argument("--dev", default=None, help="official dev JSONL, used as test (default: boolq/dev.jsonl)")
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--template", default=boolq.DEFAULT_TEMPLATE,
                    help="prompt with {passage}, {question} and optionally {title} (the completion is ' yes'/' no')")
     p.add_argument("--no_title", action="store_true", help="leave the title out of the prompt")
-    p.add_argument("--vocab", default=None, help="GPT-2 vocab dir with encoder.json + vocab.bpe")
+    p.add_argument("--vocab", default=None, help="GPT-2 vocab dir with encoder.json + vocab.bpe (default: the gpt2-vocab asset)")
     p.add_argument("--add_bos", action=argparse.BooleanOptionalAction, default=True, help="append 50256 to the context")
     p.add_argument("--add_eos", action=argparse.BooleanOptionalAction, default=True, help="append 50256 to the completion")
     p.add_argument("--limit", type=int, default=None, help="read only the first N examples of each file")
@@ -66,7 +67,11 @@ def main(argv=None) -> int:
             valid_size=args.valid_size, seed=args.seed, split_by=args.split_by, template=args.template,
             add_bos=args.add_bos, add_eos=args.add_eos, vocab_dir=args.vocab, skip_bad_lines=args.skip_bad_lines,
             limit=args.limit, force=args.force, log=lambda m: print(m, file=sys.stderr))
-    except (ValueError, FileNotFoundError) as e:
+    except OSError as e:   # full disk, read-only or missing directory, a file where a directory should be
+        from jt_lora.cli import describe_os_error
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = {split: {k: getattr(r, k) for k in ("n_examples", "n_yes", "n_no", "n_truncated", "max_length",

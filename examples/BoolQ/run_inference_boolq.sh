@@ -8,13 +8,14 @@
 # Environment: see examples/BoolQ/defaults.sh; ADAPTER_DIR (default WORK_DIR/adapter, "none": base only).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/defaults.sh"
+boolq_help "$0" "$@" -- bash "$BOOLQ_ROOT/run_inference.sh" --help
 EVAL_LEN="${EVAL_LEN:-4}"
 OUT="${OUT:-predict.boolq.greedy.jsonl}"
 # Prompts hold at most SEQ_LEN - 2 tokens (the 2-token completion " yes"/" no" + eos fits SEQ_LEN);
 # generate keeps the last seq_len - eval_len prompt tokens, so this seq_len keeps them all.
 GEN_SEQ_LEN=$((SEQ_LEN + EVAL_LEN - 2))
 ADAPTER_DIR="$ADAPTER_DIR" CKPT="$BASE" PYTHON="$PY" bash "$BOOLQ_ROOT/run_inference.sh" \
-  --data "$DATA_DIR/test.jsonl" --model_card "$MODEL_CARD" \
+  --data "$DATA_DIR/test.jsonl" \
   --beam 1 --eval_len "$EVAL_LEN" --seq_len "$GEN_SEQ_LEN" --length_penalty 1.0 --no_repeat_ngram_size 0 \
   --no-unique_contexts --batch_size 8 --work_dir "$WORK_DIR" --output_file "$OUT" "$@"
 cd "$BOOLQ_ROOT"

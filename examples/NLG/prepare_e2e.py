@@ -21,15 +21,17 @@ except ImportError:  # not installed: run from a checkout
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from jt_lora.cli import RawDescriptionDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="data/e2e_prepared", help="where {split}.jsonl and {split}_formatted.jsonl go")
-    p.add_argument("--splits", nargs="+", default=["train", "valid", "test"], choices=list(e2e_data.SPLIT_SOURCES))
+    p.add_argument("--splits", nargs="+", default=["train", "valid", "test"], choices=list(e2e_data.SPLIT_SOURCES),
+                   help="splits to convert (those found)")
     p.add_argument("--data_dir", default=None, help="data root holding e2e/ or e2e-csv/ (default: asset search order)")
     p.add_argument("--source", default="auto", choices=["auto", "txt", "csv"], help="auto: txt files, else CSVs")
     p.add_argument("--input", default=None, help="convert this one file (txt or CSV) instead of the splits")
     p.add_argument("--output", default=None, help="encoded JSONL for --input")
     p.add_argument("--formatted_output", default=None, help="formatted JSONL for --input (optional)")
-    p.add_argument("--vocab", default=None, help="GPT-2 vocab dir with encoder.json + vocab.bpe")
+    p.add_argument("--vocab", default=None, help="GPT-2 vocab dir with encoder.json + vocab.bpe (default: the gpt2-vocab asset)")
     p.add_argument("--add_bos", action=argparse.BooleanOptionalAction, default=True, help="append 50256 to the context")
     p.add_argument("--add_eos", action=argparse.BooleanOptionalAction, default=True, help="append 50256 to the completion")
     p.add_argument("--csv_text", default="raw", choices=e2e_data.TEXT_STYLES,
@@ -61,7 +63,11 @@ def main(argv=None) -> int:
         else:
             results = e2e_data.prepare_e2e(args.out_dir, args.splits, data_dir=args.data_dir, source=args.source,
                                            train_from_valid=args.train_from_valid, **kwargs)
-    except (ValueError, FileNotFoundError) as e:
+    except OSError as e:   # full disk, read-only or missing directory, a file where a directory should be
+        from jt_lora.cli import describe_os_error
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for name, r in results.items():
