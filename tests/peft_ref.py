@@ -10,6 +10,8 @@ OUT_DIR/facts.json. Job kinds:
   tensor drawn at random (non-zero), saved to ``out``; records logits and parameter counts.
 * ``eval``: ``peft.PeftModel.from_pretrained(base, adapter)``; records logits and warnings.
 * ``weighted``: loads ``adapters`` and runs PEFT's ``add_weighted_adapter``.
+* ``ina``: ``peft.PeftModel.from_pretrained(base, adapter)`` with every LoRA layer's forward replaced
+  by the InA reference's (ChengKang520/inhibited-lora's patched PEFT LoRA layer), at ``inhibition``.
 * ``ms``: a microsoft/LoRA checkpoint (``module.transformer.`` keys, loralib's grouped lora_A/B on
   q and v of c_attn) saved to ``out``, with logits from loralib's formula on the HF model.
 """
@@ -75,6 +77,34 @@ def weighted(job, base_dir, ids, facts):
     return _logits(model.eval(), ids)
 
 
+def _ina_forward(layer, inhibition):
+    """The InA reference's LoRA layer forward: h = lora_A(dropout(x)); m = max of h over the rank;
+    base(x) + lora_B(leaky_relu(h - m * inhibition)) * scaling, torch's default slope."""
+    def forward(x, *args, **kwargs):
+        result = layer.base_layer(x, *args, **kwargs)
+        for name in layer.active_adapters:
+            h = layer.lora_A[name](layer.lora_dropout[name](x))
+            m = h.max(dim=-1, keepdim=True).values
+            result = result + layer.lora_B[name](F.leaky_relu(h - m * inhibition)) * layer.scaling[name]
+        return result
+    return forward
+
+
+def ina(job, base_dir, ids, facts):
+    import peft
+    from peft.tuners.lora import LoraLayer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stock PEFT warns that it ignores lora_inhibition: we apply it here
+        model = peft.PeftModel.from_pretrained(_base(base_dir), job["adapter"]).eval()
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.forward = _ina_forward(module, float(job["inhibition"]))
+            patched += 1
+    facts[job["name"]] = {"patched": patched}
+    return _logits(model, ids)
+
+
 def ms_checkpoint(job, base_dir, ids, facts):
     model = _base(base_dir)
     sd = model.state_dict()
@@ -94,7 +124,7 @@ def ms_checkpoint(job, base_dir, ids, facts):
     return _logits(model, ids)
 
 
-KINDS = {"make": make, "eval": evaluate, "weighted": weighted, "ms": ms_checkpoint}
+KINDS = {"make": make, "eval": evaluate, "weighted": weighted, "ms": ms_checkpoint, "ina": ina}
 
 if __name__ == "__main__":
     spec = json.loads(Path(sys.argv[1]).read_text())

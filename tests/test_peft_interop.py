@@ -122,11 +122,15 @@ def world(tmp_path_factory):
         w["jt"][name] = _logits(model)
         model.save_pretrained(root / name)
         w["reload"][name] = _logits(PeftModel.from_pretrained(fresh(), root / name))
-    ina = get_peft_model(fresh(), LoraConfig(r=2, lora_alpha=8, lora_inhibition=0.3))
+    # InA as the reference adapts GPT-2: c_attn as one module (max over its whole rank).
+    ina = get_peft_model(fresh(), LoraConfig(r=4, lora_alpha=16, lora_inhibition=0.3, target_modules=["c_attn"]))
     _randomize(ina, rng)
     w["jt"]["ina"] = _logits(ina)
-    ina.save_pretrained(root / "ina")
+    ina.save_pretrained(root / "ina", reference_compatible=True)
     w["reload"]["ina"] = _logits(PeftModel.from_pretrained(fresh(), root / "ina"))
+    for _, layer in ina.base_model.tuner_layers():
+        layer.gate["default"] = InhibitionGate(0.3, 0.1)  # jt_lora's slope before it followed the reference
+    w["ina_slope_0.1"] = _logits(ina)
     for _, layer in ina.base_model.tuner_layers():
         layer.gate["default"] = InhibitionGate(0.0)
     w["ina_as_lora"] = _logits(ina)
@@ -161,6 +165,7 @@ def world(tmp_path_factory):
     # Round 2 (torch): PEFT evaluates what jt_lora saved, and combines adapters itself.
     saved = list(JT_CASES) + ["ina", "native_lora", "native_ia3", "ms_resaved"]
     jobs = [{"kind": "eval", "name": n, "adapter": str(root / n)} for n in saved]
+    jobs.append({"kind": "ina", "name": "ina_reference", "adapter": str(root / "ina"), "inhibition": 0.3})
     jobs += [{"kind": "weighted", "name": n, "adapters": [str(root / s) for s in sources], "weights": list(weights),
               "combination_type": kind} for n, (sources, weights, kind) in WEIGHTED.items()]
     w["peft_eval"], w["peft_eval_facts"] = _torch(root, "round2", jobs)
@@ -220,6 +225,16 @@ def test_ina_file_carries_inhibition_and_stock_peft_drops_it(world):
     assert any("lora_inhibition" in m for m in world["peft_eval_facts"]["ina"]["warnings"])
     np.testing.assert_allclose(world["peft_eval"]["ina"], world["ina_as_lora"], atol=ATOL)
     assert np.abs(world["peft_eval"]["ina"] - world["jt"]["ina"]).max() > 1e-2
+
+
+def test_ina_equals_the_reference_code_on_gpt2(world):
+    """The InA reference's forward (patched into PEFT's LoRA layers, slope 0.01, whole-rank max) on the
+    file jt_lora exported gives jt_lora's logits; slope 0.1 (jt_lora's old gate) does not."""
+    ref = world["peft_eval"]["ina_reference"]
+    assert world["peft_eval_facts"]["ina_reference"]["patched"] == TINY["n_layer"]
+    assert np.abs(ref - world["ina_as_lora"]).max() > 1e-2  # the gate matters on these tensors
+    np.testing.assert_allclose(world["jt"]["ina"], ref, atol=ATOL)
+    assert np.abs(world["ina_slope_0.1"] - ref).max() > 1e-3
 
 
 def test_grouped_lora_file_layout(world):
