@@ -26,7 +26,7 @@ from .data import FTDataLoader, FTDataset
 from .model import MODEL_CARDS, GPT2Config, GPT2LMModel, token_losses
 from .optim import SCHEDULERS, AdamW, clip_grad_norm, lr_lambda
 from .saving import atomic_write_text, load_adapter, save_adapter, save_safetensors
-from .workdir import (OPTIM_FILE, RUN_FILE, STATE_FILE, OutputError, RunConflict, check_output_location,
+from .workdir import (FULL_MODEL_DIR, OPTIM_FILE, RUN_FILE, STATE_FILE, OutputError, RunConflict, check_output_location,
                       config_differences, fingerprint, list_checkpoints, new_run_id, newest_valid_checkpoint,
                       output_errors, prune_checkpoints, read_run, run_outputs, set_aside, truncate_log,
                       validate_checkpoint)
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="stop after this many micro-batches, >= 1 (default: no step limit, --max_epoch epochs)")
     a("--clip", type=float, default=0.0, help="gradient-norm clip (0 = off)")
     a("--label_smooth", type=float, default=0.0, help="label smoothing in [0, 1)")
-    a("--adapter", default="lora", choices=["lora", "ina", "ia3"], help="adapter to train")
+    a("--adapter", default="lora", choices=["lora", "ina", "ia3", "full"],
+      help="what to train: a LoRA, InA or (IA)3 adapter, or full = every weight of GPT-2 (full fine-tuning)")
     a("--lora_dim", type=int, default=4, help="LoRA/InA rank r")
     a("--lora_alpha", type=float, default=32, help="LoRA/InA alpha (scaling = alpha / r)")
     a("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA/InA input, in [0, 1)")
@@ -154,6 +155,8 @@ def validate_args(args, inputs: bool = True) -> None:
     another adapter is an error, not silently ignored). ``inputs=False`` leaves out the input-file
     checks (``--dry_run`` reports those as warnings).
     """
+    if args.init_checkpoint == "":   # finetune.sh's CKPT="" (and the BoolQ wrappers' CKPT=none) ask for a random init
+        args.init_checkpoint = None
     _need(_finite(args.lr) and args.lr > 0, f"--lr must be > 0, got {args.lr}")
     _need(args.grad_acc >= 1, f"--grad_acc must be >= 1, got {args.grad_acc}")
     for flag in ("log_interval", "eval_interval", "save_interval", "keep_checkpoints", "warmup_step"):
@@ -207,6 +210,8 @@ def validate_args(args, inputs: bool = True) -> None:
 
 
 def _adapter_fields(args) -> dict:
+    if args.adapter == "full":  # full fine-tuning: the plain model, every weight trained
+        return dict(adapter="none")
     return dict(adapter=args.adapter, lora_attn_dim=args.lora_dim, lora_attn_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
                 lora_inhibition=args.lora_inhibition if args.adapter == "ina" else 0.0)
@@ -290,6 +295,13 @@ def loss_and_grads(model, batch, params, label_smooth: float = 0.0, grad_scale: 
     return loss, grads
 
 
+def load_full_model(model, model_dir: Path) -> None:
+    """Full fine-tuning's checkpoint (a HF GPT-2 directory) back into ``model``, every key required."""
+    from .checkpoint import load_into_model, normalize_gpt2_keys, read_state_dict
+    raw, _ = read_state_dict(model_dir)
+    load_into_model(model, normalize_gpt2_keys(raw), strict=True, source=str(model_dir))
+
+
 class Trainer:
     """The training loop; one instance per process."""
 
@@ -310,6 +322,10 @@ class Trainer:
             self.model = GPT2LMModel(_model_config(args))
             self.base_note = "RANDOM INIT base model (no --init_checkpoint): a pipeline demo, not a real fine-tune"
         self.config = self.model.config
+        self.full = args.adapter == "full"
+        if self.full:   # full fine-tuning: every weight of GPT-2 trains (the LM head is tied to wte)
+            for p in self.model.parameters():
+                p.start_grad()
         self.train_set = FTDataset(args.train_data, args.seq_len, vocab_size=self.config.vocab_size)
         self.train_loader = FTDataLoader(self.train_set, args.train_batch_size, shuffle=True, seed=args.random_seed,
                                          drop_last=False, rank=self.rank, world_size=self.world,
@@ -411,7 +427,7 @@ class Trainer:
             with self._writing(final):
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                save_adapter(self.model, tmp, extra={"step": self.step, "run_id": self.run_id})
+                self._save_weights(tmp / FULL_MODEL_DIR if self.full else tmp)
                 save_safetensors(tmp / OPTIM_FILE, self.optimizer.state_dict())
                 atomic_write_text(tmp / STATE_FILE, json.dumps(state))
                 _replace_dir(tmp, final)
@@ -419,12 +435,23 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         prune_checkpoints(self.work_dir, self.run_id, self.args.keep_checkpoints, self.step)
 
+    def _save_weights(self, out_dir: Path):
+        """What the run trains, into ``out_dir``: the adapter tensors, or (full fine-tuning) the whole
+        model as a HF GPT-2 directory, which every reader of base checkpoints loads."""
+        if self.full:
+            self.model.save_pretrained(out_dir)
+        else:
+            save_adapter(self.model, out_dir, extra={"step": self.step, "run_id": self.run_id})
+
     def load_checkpoint(self, ckpt_dir, state=None):
         """Restore adapter, optimiser, data position and log history from a checkpoint."""
         from safetensors.numpy import load_file
         ckpt_dir = Path(ckpt_dir)
         state = validate_checkpoint(ckpt_dir) if state is None else state
-        load_adapter(self.model, ckpt_dir)
+        if self.full:
+            load_full_model(self.model, ckpt_dir / FULL_MODEL_DIR)
+        else:
+            load_adapter(self.model, ckpt_dir)
         self.optimizer.load_state_dict(load_file(str(ckpt_dir / OPTIM_FILE)))
         self.train_loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
@@ -539,7 +566,7 @@ class Trainer:
             ax.plot(*zip(*valid), "o-", label="validation loss")
         ax.set_xlabel("step (micro-batches)")
         ax.set_ylabel("loss")
-        ax.set_title(f"{self.config.adapter} fine-tuning ({self.args.model_card})")
+        ax.set_title(f"{self.args.adapter} fine-tuning ({self.args.model_card})")
         ax.grid(alpha=0.3)
         ax.legend()
         tmp = self.work_dir / ".loss_curve.tmp.png"
@@ -622,13 +649,22 @@ class Trainer:
             bar.close()  # an error message then starts on a line of its own
         if self.is_main:
             self._check_finite_weights()
-            with self._writing(self.work_dir / "adapter"):
-                save_adapter(self.model, self.work_dir / "adapter", extra={"step": self.step, "run_id": self.run_id})
+            final = self.work_dir / (FULL_MODEL_DIR if self.full else "adapter")
+            tmp = self.work_dir / f".tmp-{final.name}"
+            try:
+                with self._writing(final):
+                    if tmp.exists():
+                        shutil.rmtree(tmp)
+                    self._save_weights(tmp)
+                    _replace_dir(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             self._plot()
         train_points = [r["loss"] for r in self.history if r.get("kind") == "train"]
         summary = {"step": self.step, "final_train_loss": train_points[-1] if train_points else None,
                    "valid_loss": valid_loss, "best_valid_loss": self.best_valid,
-                   "adapter_dir": str(self.work_dir / "adapter")}
+                   ("model_dir" if self.full else "adapter_dir"):
+                       str(self.work_dir / (FULL_MODEL_DIR if self.full else "adapter"))}
         self._say(json.dumps(summary))
         if self._wandb is not None:
             self._wandb.finish()

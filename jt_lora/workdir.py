@@ -29,8 +29,9 @@ RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.safetensors"
 ADAPTER_FILES = ("jt_lora_adapter.json", "jt_lora_adapter.safetensors")
+FULL_MODEL_DIR = "model"   # full fine-tuning: the whole model as a HF GPT-2 directory
 # Names a training run writes into its work_dir; any of them means the directory holds a run.
-_RUN_NAMES = (RUN_FILE, "train_config.json", "log.jsonl", "adapter", "base", "loss_curve.png")
+_RUN_NAMES = (RUN_FILE, "train_config.json", "log.jsonl", "adapter", FULL_MODEL_DIR, "base", "loss_curve.png")
 
 # Flags whose value changes the trained adapter: a resume with any of them different is another run.
 RESULT_FLAGS = ("init_checkpoint", "model_card", "n_layer", "n_embd", "n_head", "vocab_size", "adapter",
@@ -171,10 +172,15 @@ def validate_checkpoint(ckpt_dir) -> dict:
     missing = [k for k in ("step", "loader") if k not in state]
     if missing:
         raise ValueError(f"{state_path}: lacks {missing}")
-    if not (ckpt_dir / ADAPTER_FILES[0]).is_file():
-        raise ValueError(f"{ckpt_dir / ADAPTER_FILES[0]}: missing")
-    _read_json(ckpt_dir / ADAPTER_FILES[0])
-    for name in (ADAPTER_FILES[1], OPTIM_FILE):
+    if (ckpt_dir / FULL_MODEL_DIR).is_dir():   # full fine-tuning
+        _read_json(ckpt_dir / FULL_MODEL_DIR / "config.json")
+        weights = (f"{FULL_MODEL_DIR}/model.safetensors", OPTIM_FILE)
+    else:
+        if not (ckpt_dir / ADAPTER_FILES[0]).is_file():
+            raise ValueError(f"{ckpt_dir / ADAPTER_FILES[0]}: missing")
+        _read_json(ckpt_dir / ADAPTER_FILES[0])
+        weights = (ADAPTER_FILES[1], OPTIM_FILE)
+    for name in weights:
         path = ckpt_dir / name
         if not path.is_file():
             raise ValueError(f"{path}: missing")
