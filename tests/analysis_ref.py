@@ -3,7 +3,8 @@
 ``lm_eval/prefix_matching_copying.py``), run on ``transformers.GPT2LMHeadModel`` in a separate
 process (Jittor and torch each bring their own MKL).
 
-Usage: ``python analysis_ref.py MODE IN.json OUT.json`` with MODE ``importance`` or ``copying``.
+Usage: ``python analysis_ref.py MODE IN.json OUT.json`` with MODE ``importance``, ``copying`` or
+``prefix_matching``.
 """
 import json
 import sys
@@ -120,10 +121,41 @@ def copying(inp):
     return {"copying": out}
 
 
+def prefix_matching(inp):
+    """``prefix_matching_copying.py --prefix_matching`` on GPT-2, for the given token rows.
+
+    Each row is [BOS] + a segment of ``length`` tokens repeated 4 times; the model's own attention
+    probabilities (``output_attentions``), and the script's double loop as written.
+    """
+    model = _model(inp["model_dir"])
+    cfg = model.config
+    num_layers, num_heads = cfg.n_layer, cfg.n_head
+    length = inp["segment_len"]
+    final = []
+    with torch.no_grad():
+        for row in inp["tokens"]:
+            new_generated = torch.tensor([row])
+            assert new_generated.shape[1] == 4 * length + 1
+            attentions = model(input_ids=new_generated, output_attentions=True).attentions
+            attn_matrix = torch.zeros((num_layers, num_heads), dtype=torch.float64)
+            for layer in range(num_layers):
+                attn_probs = attentions[layer][0]
+                for head in range(num_heads):
+                    attn_prob = attn_probs[head]
+                    c = 0
+                    for j in range(length + 1, 4 * length + 1):
+                        for num in range(j // length):
+                            attn_matrix[layer][head] += attn_prob[j][(num * length) + (j % length) + 1].item()
+                        c += 1
+                    attn_matrix[layer][head] = attn_matrix[layer][head] / c
+            final.append(attn_matrix.tolist())
+    return {"prefix_matching": final}
+
+
 if __name__ == "__main__":
     mode, inp_file, out_file = sys.argv[1], sys.argv[2], sys.argv[3]
     with open(inp_file) as f:
         inp = json.load(f)
-    result = {"importance": importance, "copying": copying}[mode](inp)
+    result = {"importance": importance, "copying": copying, "prefix_matching": prefix_matching}[mode](inp)
     with open(out_file, "w") as f:
         json.dump(result, f)

@@ -98,6 +98,56 @@ def test_prefix_matching_targets_by_hand():
     np.testing.assert_array_equal(t, expected)
 
 
+def test_script_prefix_targets_are_the_exact_ones_plus_position_1_at_segment_ends():
+    """The script's loop (BOS + L=4 tokens x 3): at j = 8 and 12 it also reads position 1."""
+    seg = 4
+    tokens = ind.repeat_sequences(np.array([[5, 6, 7, 8]]), 3, bos_id=0)
+    script = ind.script_prefix_targets(12, seg)
+    literal = np.zeros((13, 13), dtype=bool)
+    for j in range(seg + 1, 3 * seg + 1):                        # prefix_matching_copying.py, with 3 repeats
+        for num in range(j // seg):
+            literal[j, num * seg + j % seg + 1] = True
+    np.testing.assert_array_equal(script, literal)
+    exact = ind.prefix_matching_targets(tokens)[0]
+    diff = script & ~exact
+    assert not (exact & ~script).any()                           # nothing of the exact set is missing
+    np.testing.assert_array_equal(np.argwhere(diff), [[8, 1], [12, 1]])
+    np.testing.assert_array_equal(np.nonzero(script.any(1))[0], np.arange(5, 13))   # c = (R-1) L rows
+    with pytest.raises(ValueError, match="whole segments"):
+        ind.script_prefix_targets(10, 4)
+
+
+def _uniform_attention_model():
+    """All weights zero: every head attends uniformly, attn[j, k] = 1 / (j + 1) for k <= j."""
+    model = GPT2LMModel(GPT2Config(vocab_size=V, n_positions=P, n_embd=16, n_layer=1, n_head=2, adapter="none"))
+    _set(model, {})
+    return model.eval()
+
+
+def test_prefix_matching_known_answers_on_uniform_attention():
+    """Uniform attention 1/(j+1): the script sums j // L positions at every scored row j (position 1
+    included at j % L == 0), the exact score one fewer at those rows; c = (R-1) L rows either way.
+    Without BOS the default equals exact; a sequence off the script's layout is refused."""
+    seg, repeats = 5, 4
+    model = _uniform_attention_model()
+    tokens = ind.repeat_sequences(ind.random_token_sequences(2, seg, np.arange(24), seed=4), repeats, BOS)
+    j = np.arange(seg + 1, seg * repeats + 1)
+    script = ((j // seg) / (j + 1)).mean()
+    exact = ((j // seg - (j % seg == 0)) / (j + 1)).mean()
+    got = ind.prefix_matching_scores(model, tokens, bos_id=BOS, segment_len=seg)
+    np.testing.assert_allclose(got, script, rtol=1e-5)
+    np.testing.assert_allclose(ind.prefix_matching_scores(model, tokens, "exact", bos_id=BOS), exact, rtol=1e-5)
+    no_bos = tokens[:, 1:]
+    np.testing.assert_allclose(ind.prefix_matching_scores(model, no_bos),
+                               ind.prefix_matching_scores(model, no_bos, "exact"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="start with it"):
+        ind.prefix_matching_scores(model, no_bos, bos_id=BOS)
+    with pytest.raises(ValueError, match="repeated"):
+        ind.prefix_matching_scores(model, tokens[:, :-1], bos_id=BOS, segment_len=seg)
+    with pytest.raises(ValueError, match="definition"):
+        ind.prefix_matching_scores(model, tokens, "llm_interpret", bos_id=BOS)
+
+
 def test_random_sequences_are_distinct_tokens_from_the_pool():
     pool = ind.token_pool(100, exclude_ratio=0.1, bos_id=50)
     assert pool.min() == 10 and pool.max() == 89 and 50 not in pool and len(pool) == 79
@@ -187,10 +237,22 @@ def test_induction_cli_finds_the_hand_built_head(hand_model, tmp_path):
     assert (top["layer"], top["head"]) == (1, 0) and top["prefix_matching"] > 0.95 and top["copying"] == 0.0
     assert summary["settings"]["bos_id"] == BOS and summary["settings"]["copy_len"] == 24
     assert summary["settings"]["copying"] == "llm-interpret"
+    assert summary["settings"]["prefix_matching"] == "llm-interpret"
+    default_prefix = np.array(record["prefix_matching"]["mean"])
     rc = main(["induction", "--init_checkpoint", str(tmp_path / "hand"), "--out", str(out), "--num_sequences", "4",
                "--segment_len", "8", "--repeats", "3", "--exclude_ratio", "0", "--bos_id", str(BOS),
                "--batch_size", "2", "--no_progress", "--copying", "actual-output"])
     summary = json.loads((out / "induction.json").read_text())
     assert rc == 0 and summary["settings"]["copying"] == "actual-output"
     assert summary["models"][0]["top_heads"][0]["copying"] > 0.95
+    assert summary["settings"]["prefix_matching"] == "llm-interpret"
+    np.testing.assert_allclose(summary["models"][0]["prefix_matching"]["mean"], default_prefix, rtol=1e-6)
+    rc = main(["induction", "--init_checkpoint", str(tmp_path / "hand"), "--out", str(out), "--num_sequences", "4",
+               "--segment_len", "8", "--repeats", "3", "--exclude_ratio", "0", "--bos_id", str(BOS),
+               "--batch_size", "2", "--no_progress", "--prefix_matching", "exact"])
+    summary = json.loads((out / "induction.json").read_text())
+    assert rc == 0 and summary["settings"]["prefix_matching"] == "exact"
+    exact_prefix = np.array(summary["models"][0]["prefix_matching"]["mean"])
+    assert summary["models"][0]["top_heads"][0]["prefix_matching"] > 0.95
+    assert (default_prefix >= exact_prefix - 1e-7).all() and np.abs(default_prefix - exact_prefix).max() > 1e-4
     assert (out / "induction.png").stat().st_size > 0 and (out / "induction_config.json").exists()

@@ -136,3 +136,26 @@ def test_copying_known_answers_self_attending_copy_head():
         scores = ind.copying_scores(model, tokens, definition)
         np.testing.assert_allclose(scores[:, 0, 0], 1.0, atol=1e-3)
         np.testing.assert_array_equal(scores[:, 0, 1:], 0.0)
+
+
+@needs_torch
+def test_prefix_matching_equals_the_scripts_loop(saved, tmp_path):
+    """The default prefix-matching score equals ``prefix_matching_copying.py``'s double loop applied
+    to transformers' attention (BOS + a segment repeated 4 times); ``exact`` is another number,
+    lower by exactly the attention on position 1 at the rows j % L == 0."""
+    model, root = saved
+    seg, bos = 12, 96
+    pool = ind.token_pool(97, 0.04, bos_id=bos)
+    tokens = ind.repeat_sequences(ind.random_token_sequences(3, seg, pool, seed=7), 4, bos_id=bos)
+    ref = np.array(_reference("prefix_matching", {"model_dir": str(root / "model"), "tokens": tokens.tolist(),
+                                                  "segment_len": seg}, tmp_path)["prefix_matching"])
+    got = ind.prefix_matching_scores(model, tokens, "llm-interpret", bos_id=bos, segment_len=seg)
+    assert got.shape == ref.shape == (3, 3, 4)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+    inferred = ind.prefix_matching_scores(model, tokens, bos_id=bos)          # segment length from the tokens
+    np.testing.assert_allclose(inferred, got, rtol=0, atol=1e-7)
+    exact = ind.prefix_matching_scores(model, tokens, "exact", bos_id=bos)
+    rows = np.arange(2, 5) * seg                                               # j = 2L, 3L, 4L
+    extra = np.stack([probs[:, :, rows, 1].sum(-1) / (3 * seg) for probs, _ in ind.head_outputs(model, tokens)], 1)
+    np.testing.assert_allclose(got - exact, extra, rtol=1e-4, atol=1e-6)
+    assert np.abs(exact - ref).max() > 1e-3                                    # the test tells the two apart

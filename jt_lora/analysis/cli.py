@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llm-interpret: as prefix_matching_copying.py (heads read LayerNorm(embeddings); the "
                         "value at the current position through c_proj with its bias); actual-output: what "
                         "the head writes in the model (attention-weighted values, no bias)")
+    i.add_argument("--prefix_matching", default="llm-interpret", choices=["llm-interpret", "exact"],
+                   help="llm-interpret: the positions prefix_matching_copying.py sums, which at the last token of "
+                        "each repeat include position 1 (the first segment token) besides the right ones; without "
+                        "a BOS (--bos_id -1) as exact; exact: only the positions after earlier occurrences")
     return p
 
 
@@ -394,11 +398,11 @@ def run_induction(args, specs, out: Path) -> dict:
         settings = {"num_sequences": args.num_sequences, "segment_len": args.segment_len,
                     "repeats": args.repeats, "copy_len": args.copy_len or args.segment_len * args.repeats,
                     "exclude_ratio": args.exclude_ratio, "bos_id": bos, "seed": args.seed,
-                    "copying": args.copying}
+                    "copying": args.copying, "prefix_matching": args.prefix_matching}
         bar = _bar(args, -(-args.num_sequences // args.batch_size), f"{spec.label}: induction")
         scores = induction_scores(model, args.num_sequences, args.segment_len, args.repeats, args.copy_len,
                                   args.exclude_ratio, bos, args.seed, args.batch_size, copying=args.copying,
-                                  progress=bar)
+                                  prefix_matching=args.prefix_matching, progress=bar)
         bar.close()
         del model
         _release()
@@ -415,7 +419,9 @@ def run_induction(args, specs, out: Path) -> dict:
                "figure": "induction.png",
                "note": "mean/std over sequences of [layer][head] scores in [0, 1]; copying by the definition in "
                        "settings.copying (llm-interpret: prefix_matching_copying.py; actual-output: what the head "
-                       "writes); see jt_lora/analysis/induction.py",
+                       "writes); prefix matching by settings.prefix_matching (llm-interpret: the script's positions, "
+                       "position 1 included at the last token of each repeat when there is a BOS; exact: only the "
+                       "positions after earlier occurrences); see jt_lora/analysis/induction.py",
                "models": records}
     rows = [("prefix matching", [np.array(r["prefix_matching"]["mean"]) for r in records], 0.0, 1.0),
             ("copying", [np.array(r["copying"]["mean"]) for r in records], 0.0, 1.0)]

@@ -10,7 +10,20 @@ Bansal et al. (2023, OPT-66B) turned both into scores per head; we follow their 
   merge rank, so these are the most and least frequent tokens), after an optional BOS token.
 * Prefix matching: the segment repeated ``repeats`` times; for every position whose token occurred
   before, the attention mass on the positions right after its earlier occurrences; averaged over
-  those positions (0 = never, 1 = all attention there).
+  those positions (0 = never, 1 = all attention there). Two variants (``definition=``):
+
+  - ``llm-interpret`` (default), as ``prefix_matching_copying.py``: with BOS at position 0 and the
+    segment (length ``L``) at positions ``1..R*L``, query ``j`` in ``L+1..R*L`` sums the attention on
+    positions ``num*L + j%L + 1`` for ``num`` in ``range(j // L)``, and the sums are averaged over
+    the ``(R-1)*L`` queries. For ``j % L != 0`` these are exactly the positions after the earlier
+    occurrences of ``j``'s token; for the last token of a segment (``j = k*L``) they are
+    ``1, L+1, ..., (k-1)*L+1``: the right ones *plus position 1*, the first segment token (which
+    follows BOS, not an earlier occurrence). We copy this. Without a BOS (``bos_id=None``) the
+    script has no counterpart (it always puts BOS first) and the default computes ``exact``:
+    its extra position is "the token after BOS", which does not exist, and counting position 0
+    instead would add the attention sink of the first position.
+  - ``exact``: only the positions after earlier occurrences (``prefix_matching_targets``); differs
+    from the default by the attention on position 1 at the rows ``j % L == 0``, ``j >= 2L``.
 * Copying: one sequence of ``copy_len`` distinct random tokens (not repeated). At each position
   ``j >= 1`` a head's output vector is read through the unembedding (no final LayerNorm: a direct
   logit attribution); over the tokens in context (positions ``0..j``) the softmax probabilities are
@@ -36,9 +49,10 @@ from ..backend import jt
 
 __all__ = ["token_pool", "random_token_sequences", "repeat_sequences", "prefix_matching_targets",
            "head_outputs", "embedding_head_values", "prefix_matching_scores", "copying_scores",
-           "induction_scores", "COPYING_DEFINITIONS"]
+           "induction_scores", "script_prefix_targets", "COPYING_DEFINITIONS", "PREFIX_MATCHING_DEFINITIONS"]
 
 COPYING_DEFINITIONS = ("llm-interpret", "actual-output")
+PREFIX_MATCHING_DEFINITIONS = ("llm-interpret", "exact")
 
 
 def token_pool(vocab_size: int, exclude_ratio: float = 0.04, bos_id: Optional[int] = None) -> np.ndarray:
@@ -76,6 +90,39 @@ def prefix_matching_targets(tokens: np.ndarray) -> np.ndarray:
     targets = np.zeros((n, t, t), dtype=bool)
     targets[:, :, 1:] = same[:, :, :-1]
     return targets & np.tril(np.ones((t, t), dtype=bool))[None]
+
+
+def script_prefix_targets(length: int, segment_len: int) -> np.ndarray:
+    """bool [T, T] for ``T = 1 + length``: the positions ``prefix_matching_copying.py`` sums at each
+    query of ``[BOS] + segment * R`` (``length = R * segment_len``), from its loop
+    ``for j in range(L+1, R*L+1): for num in range(j//L): attn[j][num*L + j%L + 1]``. Rows before
+    ``L+1`` are empty. For ``j % L == 0`` this includes position 1 (see the module doc)."""
+    seg = segment_len
+    if seg < 1 or length % seg or length // seg < 2:
+        raise ValueError(f"the script's layout needs R >= 2 whole segments of {seg} tokens, got {length} tokens")
+    targets = np.zeros((length + 1, length + 1), dtype=bool)
+    for j in range(seg + 1, length + 1):
+        rows = np.arange(j // seg) * seg + j % seg + 1
+        targets[j, rows] = True
+    return targets
+
+
+def _segment_len(tokens: np.ndarray, bos_id: int, segment_len: Optional[int]) -> int:
+    """Check ``tokens`` is ``[bos_id] + segment * R`` (R >= 2) and return the segment length
+    (inferred from the first repeat of ``tokens[:, 1]`` when not given)."""
+    n, t = tokens.shape
+    if not (tokens[:, 0] == bos_id).all():
+        raise ValueError(f"llm-interpret prefix matching with bos_id={bos_id} needs every sequence to start with it")
+    body = tokens[:, 1:]
+    if segment_len is None:
+        again = np.nonzero((body[:, 1:] == body[:, :1]).all(0))[0]
+        segment_len = int(again[0]) + 1 if len(again) else t
+    seg = segment_len
+    if seg < 1 or (t - 1) % seg or (t - 1) // seg < 2 or \
+            not (body == np.tile(body[:, :seg], (1, (t - 1) // seg))).all():
+        raise ValueError(f"llm-interpret prefix matching needs [BOS] + a segment of {seg} tokens repeated "
+                         f">= 2 times; use definition='exact' for other sequences")
+    return seg
 
 
 def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -136,13 +183,28 @@ def embedding_head_values(model, input_ids: np.ndarray) -> Iterator[Tuple[np.nda
             yield probs.numpy(), per_head.reshape(n_head, b, t, width).transpose(1, 0, 2, 3).numpy()
 
 
-def prefix_matching_scores(model, tokens: np.ndarray) -> np.ndarray:
+def prefix_matching_scores(model, tokens: np.ndarray, definition: str = "llm-interpret",
+                           bos_id: Optional[int] = None, segment_len: Optional[int] = None) -> np.ndarray:
     """[N, T] repeated sequences -> [N, L, H]: per sequence, the mean over positions with an
-    earlier occurrence of their token of the attention on the positions following it."""
+    earlier occurrence of their token of the attention on the positions following it.
+
+    ``definition="llm-interpret"`` (default) with ``bos_id`` given: the script's positions
+    (``script_prefix_targets``; ``tokens`` must be ``[bos_id] + segment * R``, ``segment_len``
+    inferred when None), which add position 1 at the rows ``j % L == 0``. With ``bos_id=None`` the
+    default equals ``"exact"``: only the positions after earlier occurrences (module doc)."""
     from .attention import batch_attention
 
-    targets = prefix_matching_targets(tokens)                 # [N, T, T]
-    scored = targets.any(-1)                                  # [N, T] rows with a target
+    if definition not in PREFIX_MATCHING_DEFINITIONS:
+        raise ValueError(f"prefix-matching definition must be one of {list(PREFIX_MATCHING_DEFINITIONS)}, "
+                         f"got {definition!r}")
+    if definition == "llm-interpret" and bos_id is not None:
+        seg = _segment_len(tokens, bos_id, segment_len)
+        targets = np.broadcast_to(script_prefix_targets(tokens.shape[1] - 1, seg), (len(tokens),) + (tokens.shape[1],) * 2)
+        scored = np.zeros(tokens.shape, dtype=bool)
+        scored[:, seg + 1:] = True                            # the script's c = (R-1)L queries
+    else:
+        targets = prefix_matching_targets(tokens)             # [N, T, T]
+        scored = targets.any(-1)                              # [N, T] rows with a target
     if not scored.any(1).all():
         raise ValueError("a sequence without repeated tokens has no prefix-matching positions")
     lengths = np.full(len(tokens), tokens.shape[1])
@@ -182,7 +244,8 @@ def copying_scores(model, tokens: np.ndarray, definition: str = "llm-interpret")
 def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repeats: int = 4,
                      copy_len: Optional[int] = None, exclude_ratio: float = 0.04,
                      bos_id: Optional[int] = None, seed: int = 0, batch_size: int = 4,
-                     copying: str = "llm-interpret", progress=None) -> Dict[str, np.ndarray]:
+                     copying: str = "llm-interpret", prefix_matching: str = "llm-interpret",
+                     progress=None) -> Dict[str, np.ndarray]:
     """Prefix-matching and copying scores of every head of ``model``.
 
     Args:
@@ -192,6 +255,8 @@ def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repe
         exclude_ratio: share of the lowest and of the highest token ids left out of the pool.
         bos_id: token put first in every sequence (GPT-2: 50256), or None.
         copying: ``"llm-interpret"`` (the script's definition) or ``"actual-output"``.
+        prefix_matching: ``"llm-interpret"`` (the script's positions, including position 1 at the
+            last token of each repeat when there is a BOS; without one, as ``"exact"``) or ``"exact"``.
         progress: an optional tqdm bar advanced once per batch.
 
     Returns:
@@ -199,6 +264,9 @@ def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repe
     """
     cfg = model.config
     copy_len = segment_len * repeats if copy_len is None else copy_len
+    if prefix_matching not in PREFIX_MATCHING_DEFINITIONS:
+        raise ValueError(f"prefix-matching definition must be one of {list(PREFIX_MATCHING_DEFINITIONS)}, "
+                         f"got {prefix_matching!r}")
     if repeats < 2:
         raise ValueError(f"repeats must be >= 2 (prefix matching needs a repeat), got {repeats}")
     extra = 0 if bos_id is None else 1
@@ -212,7 +280,8 @@ def induction_scores(model, num_sequences: int = 20, segment_len: int = 25, repe
     plain = repeat_sequences(random_token_sequences(num_sequences, copy_len, pool, seed + 1), 1, bos_id)
     prefix, copy_scores = [], []
     for start in range(0, num_sequences, batch_size):
-        prefix.append(prefix_matching_scores(model, repeated[start:start + batch_size]))
+        prefix.append(prefix_matching_scores(model, repeated[start:start + batch_size], prefix_matching,
+                                             bos_id, segment_len))
         copy_scores.append(copying_scores(model, plain[start:start + batch_size], copying))
         if progress is not None:
             progress.update(1)
