@@ -75,7 +75,10 @@ def main(argv=None) -> int:
         if n_long:
             print(f"{name}: {n_long} of {r.n_examples} examples exceed --seq_len {args.seq_len} and will be truncated")
     if not results:
-        print("error: no E2E data found; run `bash scripts/download_data.sh` or pass --data_dir", file=sys.stderr)
+        from jt_lora.assets import data_roots
+        searched = ", ".join(f"{label} ({path}/e2e)" for label, path in data_roots())
+        print(f"error: no E2E data found (searched {searched}); point JT_LORA_DATA at a directory holding "
+              "e2e/ (or e2e-csv/), pass --data_dir, or run `bash scripts/download_data.sh`", file=sys.stderr)
         return 1
     return 0
 
