@@ -10,7 +10,9 @@ With ``--json`` the last line is one JSON object.
 FLOPs counted for a training step: the forward pass (2 per multiply-add:
 projections, attention scores and mixing, the LM head on the positions that
 are computed) times 2, since the backward pass of a frozen base computes
-activation gradients only (no weight gradients), about one forward's worth.
+activation gradients only (no weight gradients), about one forward's worth;
+times 3 for full fine-tuning (``--adapter full``), whose backward also computes
+every weight gradient.
 """
 import argparse
 import json
@@ -37,13 +39,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def train_flops(n_layer, n_embd, vocab, batch, seq, head_positions=None) -> float:
-    """Forward FLOPs x 2 (see module docstring)."""
+def train_flops(n_layer, n_embd, vocab, batch, seq, head_positions=None, full: bool = False) -> float:
+    """Forward FLOPs x 2, or x 3 with weight gradients (``full``; see module docstring)."""
     tokens = batch * seq
     body = tokens * n_layer * 2 * (12 * n_embd * n_embd)  # qkv 3C², proj C², fc 4C², fc_proj 4C²
     attn = batch * n_layer * 2 * 2 * seq * seq * n_embd  # q·k and p·v
     head = (head_positions if head_positions is not None else tokens) * 2 * n_embd * vocab
-    return 2.0 * (body + attn + head)
+    return (3.0 if full else 2.0) * (body + attn + head)
 
 
 def _median_rate(fn, tokens, steps, warmup):
@@ -61,10 +63,18 @@ def _median_rate(fn, tokens, steps, warmup):
 def bench_jittor(args) -> dict:
     from .backend import jt, device_name
     from .model import GPT2Config, GPT2LMModel
-    adapter = dict(adapter=args.adapter, lora_attn_dim=4, lora_attn_alpha=32, lora_dropout=0.0,
-                   lora_inhibition=0.3 if args.adapter == "ina" else 0.0)
+    if args.adapter == "full":   # full fine-tuning: the plain model, every weight trained
+        adapter = dict(adapter="none")
+    else:
+        adapter = dict(adapter=args.adapter, lora_attn_dim=4, lora_attn_alpha=32, lora_dropout=0.0,
+                       lora_inhibition=0.3 if args.adapter == "ina" else 0.0)
     np.random.seed(0)
     model = GPT2LMModel(GPT2Config.from_card(args.model, **adapter))
+    if args.adapter == "full":
+        if args.mode != "train":
+            raise ValueError("--adapter full is a training workload (--mode train)")
+        for p in model.parameters():
+            p.start_grad()
     cfg = model.config
     rng = np.random.default_rng(0)
     if args.mode == "train":
@@ -85,7 +95,7 @@ def bench_jittor(args) -> dict:
 
         rate, med, times = _median_rate(step, args.batch * args.seq, args.steps, args.warmup)
         flops = train_flops(cfg.n_layer, cfg.n_embd, cfg.vocab_size, args.batch, args.seq,
-                            head_positions=int(mask.sum()))
+                            head_positions=int(mask.sum()), full=args.adapter == "full")
         return {"tokens_per_s": rate, "step_s": med, "gflops": flops / med / 1e9, "times": times,
                 "device": device_name()}
     from .generate import beam_search
@@ -115,8 +125,8 @@ def build_parser():
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="gpt2.sm", choices=["gpt2.sm", "gpt2.md", "gpt2.lg"], help="model card")
     p.add_argument("--mode", default="train", choices=["train", "beam"], help="workload")
-    p.add_argument("--adapter", default="lora", choices=["lora", "ina", "ia3"],
-                   help="adapter (r 4, alpha 32; InA inhibition 0.3)")
+    p.add_argument("--adapter", default="lora", choices=["lora", "ina", "ia3", "full"],
+                   help="adapter (r 4, alpha 32; InA inhibition 0.3), or full fine-tuning (train only)")
     p.add_argument("--batch", type=int, default=8, help="examples (train) or prompts (beam) per batch")
     p.add_argument("--seq", type=int, default=128, help="train: tokens per example")
     p.add_argument("--loss_fraction", type=float, default=1.0,

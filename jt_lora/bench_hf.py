@@ -19,11 +19,14 @@ def main():
     cfg = transformers.GPT2Config(n_embd=dims[0], n_layer=dims[1], n_head=dims[2], attn_pdrop=0.0,
                                   resid_pdrop=0.0, embd_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(cfg)
-    if args["adapter"] == "ia3":
+    if args["adapter"] == "full":   # full fine-tuning: every weight trains, no PEFT
+        peft_cfg = None
+    elif args["adapter"] == "ia3":
         peft_cfg = IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])
     else:  # InA has no PEFT counterpart; plain LoRA is the reference workload
         peft_cfg = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)
-    model = get_peft_model(model, peft_cfg)
+    if peft_cfg is not None:
+        model = get_peft_model(model, peft_cfg)
     rng = np.random.default_rng(0)
     times = []
     if args["mode"] == "train":
