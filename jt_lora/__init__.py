@@ -9,12 +9,12 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GPT2Config": "model", "GPT2LMModel": "model", "MODEL_CARDS": "model",
-    "Linear": "lora", "Embedding": "lora", "MergedLinear": "lora", "InhibitionGate": "lora",
-    "IA3Linear": "ia3",
-    "mark_only_adapter_as_trainable": "adapters", "adapter_state_dict": "adapters",
-    "trainable_parameters": "adapters", "count_parameters": "adapters",
-    "save_adapter": "saving", "load_adapter": "saving",
+    "GPT2Config": "models.gpt2", "GPT2LMModel": "models.gpt2", "MODEL_CARDS": "models.gpt2",
+    "Linear": "nn.lora", "Embedding": "nn.lora", "MergedLinear": "nn.lora", "InhibitionGate": "nn.lora",
+    "IA3Linear": "nn.ia3",
+    "mark_only_adapter_as_trainable": "nn.adapters", "adapter_state_dict": "nn.adapters",
+    "trainable_parameters": "nn.adapters", "count_parameters": "nn.adapters",
+    "save_adapter": "models.saving", "load_adapter": "models.saving",
     "LoraConfig": "peft", "IA3Config": "peft", "get_peft_model": "peft", "PeftModel": "peft",
     "from_native": "peft",
 }

@@ -62,7 +62,7 @@ def _median_rate(fn, tokens, steps, warmup):
 
 def bench_jittor(args) -> dict:
     from .backend import jt, device_name
-    from .model import GPT2Config, GPT2LMModel
+    from .models.gpt2 import GPT2Config, GPT2LMModel
     if args.adapter == "full":   # full fine-tuning: the plain model, every weight trained
         adapter = dict(adapter="none")
     else:
@@ -78,8 +78,8 @@ def bench_jittor(args) -> dict:
     cfg = model.config
     rng = np.random.default_rng(0)
     if args.mode == "train":
-        from .optim import AdamW
-        from .train import loss_and_grads
+        from .training.optim import AdamW
+        from .training.trainer import loss_and_grads
         ids = rng.integers(0, cfg.vocab_size, (args.batch, args.seq)).astype("int32")
         mask = np.ones((args.batch, args.seq), dtype="float32")
         mask[:, : int(args.seq * (1 - args.loss_fraction))] = 0.0
@@ -98,7 +98,7 @@ def bench_jittor(args) -> dict:
                             head_positions=int(mask.sum()), full=args.adapter == "full")
         return {"tokens_per_s": rate, "step_s": med, "gflops": flops / med / 1e9, "times": times,
                 "device": device_name()}
-    from .generate import beam_search
+    from .generation.beam import beam_search
     model.eval()
     prompts = [list(map(int, rng.integers(0, cfg.vocab_size, args.prompt_len))) for _ in range(args.batch)]
 

@@ -5,19 +5,19 @@
 #
 #   bash scripts/ensure_data.sh [COMMAND]   # COMMAND: the user's command, shown in the error's example
 #
-# Lookup (jt_lora.assets, per file): $JT_LORA_DATA > data/ > ../shared/data. When something is
+# Lookup (jt_lora.io.assets, per file): $JT_LORA_DATA > data/ > ../shared/data. When something is
 # missing, scripts/download_data.sh fetches it into data/ (~10 MB). If that fails (offline), the
 # script prints ONE error line naming JT_LORA_DATA, the download script and the places searched,
 # and exits 1; the download's own log is kept in data/download.log.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 COMMAND="${1:-bash scripts/demo.sh}"
-# Any Python 3 will do: jt_lora.assets needs only the standard library, and .venv may not exist yet.
+# Any Python 3 will do: jt_lora.io.assets needs only the standard library, and .venv may not exist yet.
 if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY="${PYTHON:-python3}"; fi
 
 # Run from $ROOT: `python -m` puts the current directory first on sys.path, so this clone's
 # jt_lora is the one asked, whatever else is installed.
-check() { (cd "$ROOT" && "$PY" -m jt_lora.assets check --command "$COMMAND" "$@"); }
+check() { (cd "$ROOT" && "$PY" -m jt_lora.io.assets check --command "$COMMAND" "$@"); }
 
 check 2>/dev/null && exit 0
 echo "data: GPT-2 vocab / E2E files not found; downloading them with scripts/download_data.sh into data/"

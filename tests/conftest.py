@@ -28,7 +28,7 @@ def torch_reference(mode: str, inputs: dict, out_dir: Path) -> Path:
 
 def pytest_report_header(config):
     """Say where the data came from, or which files are missing (the tests reading them will skip)."""
-    from jt_lora import assets
+    from jt_lora.io import assets
     missing = assets.missing_assets()
     if missing:
         return (f"data: MISSING {', '.join(missing)}: tests that read them will skip; "

@@ -10,8 +10,8 @@ from jt_lora.analysis import attention as att
 from jt_lora.analysis import importance as imp
 from jt_lora.analysis.models import example_batches
 from jt_lora.backend import jt
-from jt_lora.data import FTDataset
-from jt_lora.model import GPT2Config, GPT2LMModel
+from jt_lora.training.data import FTDataset
+from jt_lora.models.gpt2 import GPT2Config, GPT2LMModel
 
 TINY = dict(vocab_size=97, n_positions=64, n_embd=16, n_layer=2, n_head=4, adapter="none")
 D = TINY["n_embd"] // TINY["n_head"]
@@ -223,7 +223,7 @@ def test_attention_grid_has_a_panel_per_layer_and_model(tmp_path):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A base checkpoint, an InA adapter on it and an encoded JSONL file."""
-    from jt_lora.saving import save_adapter
+    from jt_lora.models.saving import save_adapter
 
     root = tmp_path_factory.mktemp("analysis")
     base = _model(seed=3)
@@ -414,7 +414,7 @@ def test_read_only_output(files, tmp_path, capsys, monkeypatch):
     import errno
     import os
 
-    from jt_lora import saving
+    from jt_lora.models import saving
 
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -440,7 +440,7 @@ def test_disk_full_keeps_the_finished_files(files, tmp_path, capsys, monkeypatch
     before stays complete."""
     import errno
 
-    from jt_lora import saving
+    from jt_lora.models import saving
 
     real = saving.atomic_write_text
 

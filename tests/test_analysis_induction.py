@@ -17,7 +17,7 @@ import pytest
 
 from jt_lora.analysis import induction as ind
 from jt_lora.backend import jt
-from jt_lora.model import GPT2Config, GPT2LMModel
+from jt_lora.models.gpt2 import GPT2Config, GPT2LMModel
 
 V, P, C, H = 25, 32, 128, 4      # vocab (24 random tokens + BOS), positions, width, heads
 D = C // H

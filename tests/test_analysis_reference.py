@@ -14,8 +14,8 @@ from jt_lora.analysis import importance as imp
 from jt_lora.analysis import induction as ind
 from jt_lora.analysis.models import example_batches
 from jt_lora.backend import jt
-from jt_lora.data import FTDataset
-from jt_lora.model import GPT2Config, GPT2LMModel
+from jt_lora.training.data import FTDataset
+from jt_lora.models.gpt2 import GPT2Config, GPT2LMModel
 
 HERE = Path(__file__).parent
 TINY = dict(vocab_size=97, n_positions=64, n_embd=16, n_layer=3, n_head=4, adapter="none")

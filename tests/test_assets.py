@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jt_lora import assets
+from jt_lora.io import assets
 
 
 @pytest.fixture
@@ -171,7 +171,7 @@ def test_check_cli_exit_codes(roots, capsys):
                                                     "e2e/test.txt: MISSING"]
 
 
-# A copy of the scripts and jt_lora.assets in a fresh folder with no ../shared beside it: the
+# A copy of the scripts and jt_lora.io.assets in a fresh folder with no ../shared beside it: the
 # fresh clone a new user has. The fake curl serves real vocab files (their SHA-256 is checked).
 SERVE_CURL = FAKE_CURL.replace('echo fake > "$out"', 'src="$FAKE_SRC/$(basename "$url")"\n'
                                '[ -f "$src" ] && cp "$src" "$out" || echo fake > "$out"').replace(
@@ -182,10 +182,10 @@ SERVE_CURL = FAKE_CURL.replace('echo fake > "$out"', 'src="$FAKE_SRC/$(basename 
 def fresh_clone(tmp_path):
     clone = tmp_path / "clone"
     (clone / "scripts").mkdir(parents=True)
-    (clone / "jt_lora").mkdir()
+    (clone / "jt_lora" / "io").mkdir(parents=True)
     for script in (ROOT / "scripts").glob("*.sh"):
         (clone / "scripts" / script.name).write_text(script.read_text())
-    for name in ("__init__.py", "assets.py"):
+    for name in ("__init__.py", "io/__init__.py", "io/assets.py"):
         (clone / "jt_lora" / name).write_text((ROOT / "jt_lora" / name).read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

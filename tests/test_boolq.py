@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jt_lora import assets, boolq
-from jt_lora.boolq import Example
-from jt_lora.eval_boolq import parse_answer, score
+from jt_lora.io import assets
+from jt_lora.tasks.boolq import data as boolq
+from jt_lora.tasks.boolq.data import Example
+from jt_lora.tasks.boolq.evaluate import parse_answer, score
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = assets.try_find_asset("gpt2-vocab/encoder.json")
@@ -51,7 +52,7 @@ def _many(n, seed=0, shared=3):
 def tok():
     if VOCAB is None:
         pytest.skip("GPT-2 vocab not found")
-    from jt_lora.tokenizer import load_tokenizer
+    from jt_lora.models.tokenizer import load_tokenizer
     return load_tokenizer()
 
 
@@ -140,7 +141,7 @@ def test_conversion_template_and_encoding(tmp_path, tok):
 
 @needs_vocab
 def test_truncation_keeps_question_and_answer(tmp_path, tok):
-    from jt_lora.data import FTDataset
+    from jt_lora.training.data import FTDataset
 
     seq_len = 64
     records = RECORDS + [dict(RECORDS[2], answer=False)]  # same passage and question, other answer
@@ -242,7 +243,7 @@ def test_accuracy_from_text_by_hand():
 
 
 def _eval_cli(args):
-    from jt_lora import eval_boolq
+    from jt_lora.tasks.boolq import evaluate as eval_boolq
     import contextlib
     import io
     out = io.StringIO()
@@ -331,7 +332,7 @@ def _hand_logp(model, context, ids):
 
 
 def test_loglik_scores_match_unpadded_forward():
-    from jt_lora.eval_boolq import loglik_scores
+    from jt_lora.tasks.boolq.evaluate import loglik_scores
 
     model = _peaked_model(vocab_size=97)
     rng = np.random.default_rng(1)

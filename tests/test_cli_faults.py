@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from jt_lora import decode as D
-from jt_lora import e2e_data
+from jt_lora.tasks.e2e import decode as D
+from jt_lora.tasks.e2e import data as e2e_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_prepare_e2e_output_under_a_file_and_non_utf8_input(tmp_path, capsys):
 
 
 def test_prepare_boolq_io_fault_and_non_utf8(tmp_path, monkeypatch, capsys):
-    from jt_lora import boolq
+    from jt_lora.tasks.boolq import data as boolq
     prep = _script(ROOT / "examples/BoolQ/prepare_boolq.py")
     rec = {"question": "is it", "title": "T", "passage": "It is.", "answer": True}
     train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
@@ -169,7 +169,7 @@ def test_decode_enospc_keeps_previous_outputs(tmp_path, monkeypatch, capsys):
     inp, sample = _decode_files(tmp_path)
     args = ["--sample_file", str(sample), "--input_file", str(inp), "--output_ref_file", str(tmp_path / "r.txt"),
             "--output_pred_file", str(tmp_path / "p.txt")]
-    monkeypatch.setattr("jt_lora.tokenizer.load_tokenizer", lambda vocab=None: type("T", (), {
+    monkeypatch.setattr("jt_lora.models.tokenizer.load_tokenizer", lambda vocab=None: type("T", (), {
         "decode": staticmethod(lambda ids: "".join(map(chr, ids)))})())
     assert D.main(args) == 0
     before = (tmp_path / "p.txt").read_bytes()
@@ -195,7 +195,7 @@ def test_run_metric_non_utf8_and_bad_json_name_file_line_column(tmp_path):
 
 
 def test_metrics_non_utf8_names_file_and_line(tmp_path, capsys):
-    from jt_lora import metrics
+    from jt_lora.tasks.e2e import metrics
     (tmp_path / "ref.txt").write_text("a b\n\nc d\n\n")
     (tmp_path / "pred.txt").write_bytes(b"a b\nc \xff\n")
     assert metrics.main(["--ref", str(tmp_path / "ref.txt"), "--pred", str(tmp_path / "pred.txt")]) == 2
@@ -203,7 +203,7 @@ def test_metrics_non_utf8_names_file_and_line(tmp_path, capsys):
 
 
 def test_eval_boolq_flags_and_output_path_checked_first(tmp_path, capsys):
-    from jt_lora import eval_boolq
+    from jt_lora.tasks.boolq import evaluate as eval_boolq
     data = tmp_path / "test.jsonl"
     data.write_text(json.dumps({"context": [1, 2], "completion": [3]}) + "\n")
     (tmp_path / "plain").write_text("x")

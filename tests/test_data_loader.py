@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from jt_lora.data import FTDataLoader, FTDataset, collate, main, read_encoded_jsonl, token_counts
+from jt_lora.training.data import FTDataLoader, FTDataset, collate, main, read_encoded_jsonl, token_counts
 
 
 def _reference_item(context, completion, seq_len, max_eval_len=0):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jt_lora import assets
-from jt_lora import decode as D
+from jt_lora.io import assets
+from jt_lora.tasks.e2e import decode as D
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = assets.try_find_asset("gpt2-vocab")
@@ -71,7 +71,7 @@ def test_groups_by_context_in_first_seen_order_and_writes_the_official_layout(fi
 
 
 def test_written_files_read_back_through_the_scorer(files):
-    from jt_lora import metrics
+    from jt_lora.tasks.e2e import metrics
 
     tmp_path, inp, sample = files
     run(tmp_path, inp, sample)
@@ -165,7 +165,7 @@ def test_cli_reports_missing_file(tmp_path, capsys):
 
 @pytest.mark.skipif(VOCAB is None, reason="GPT-2 vocab not found (scripts/download_data.sh)")
 def test_gpt2_ids_round_trip_through_the_real_tokenizer(tmp_path):
-    from jt_lora.tokenizer import load_tokenizer
+    from jt_lora.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     inp = write_jsonl(tmp_path / "in.jsonl", [{"context": "name : The Eagle", "completion": "The Eagle is a pub . "}])
@@ -182,7 +182,7 @@ def test_gpt2_ids_round_trip_through_the_real_tokenizer(tmp_path):
 @pytest.mark.skipif(VOCAB is None or shutil.which("java") is None, reason="needs the GPT-2 vocab and Java")
 def test_run_metric_sh_decodes_then_scores(tmp_path):
     pytest.importorskip("pycocoevalcap")
-    from jt_lora.tokenizer import load_tokenizer
+    from jt_lora.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     rows = [{"context": "name : A", "completion": "A is a pub ."}, {"context": "name : A", "completion": "A is a bar ."},
@@ -199,7 +199,7 @@ def test_run_metric_sh_decodes_then_scores(tmp_path):
     assert (tmp_path / "e2e_ref.txt").read_text() == "A is a pub .\nA is a bar .\n\nB serves food .\n\n"
     assert (tmp_path / "e2e_pred.txt").read_text() == "A is a pub .\nB serves cheap food .\n"
     # Same numbers as scoring the two written files directly (BLEU/NIST need no Java).
-    from jt_lora import metrics
+    from jt_lora.tasks.e2e import metrics
 
     refs, hyps = metrics.load_pair(str(tmp_path / "e2e_ref.txt"), str(tmp_path / "e2e_pred.txt"))
     assert scores["BLEU"] == pytest.approx(metrics.bleu_score(refs, hyps), abs=1e-12)

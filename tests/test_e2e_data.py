@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jt_lora import assets, e2e_data
-from jt_lora.e2e_data import Example
+from jt_lora.io import assets
+from jt_lora.tasks.e2e import data as e2e_data
+from jt_lora.tasks.e2e.data import Example
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = assets.try_find_asset("gpt2-vocab")
@@ -152,7 +153,7 @@ def test_jsonl_bytes_match_json_dumps():
 
 @needs_vocab
 def test_convert_file_round_trip_and_cache(tmp_path):
-    from jt_lora.tokenizer import load_tokenizer
+    from jt_lora.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     src = _write(tmp_path / "valid.txt", TXT.rsplit("\n", 2)[0] + "\n")

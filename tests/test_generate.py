@@ -10,7 +10,7 @@ import pytest
 
 from jt_lora import GPT2Config, GPT2LMModel
 from jt_lora.backend import jt
-from jt_lora.generate import BeamSettings, beam_search, main, read_predictions
+from jt_lora.generation.beam import BeamSettings, beam_search, main, read_predictions
 
 TINY = dict(vocab_size=97, n_positions=64, n_embd=16, n_layer=2, n_head=4)
 PROMPTS = [[5, 17, 3], [40, 2, 9, 88, 61, 7, 13], [71], [12, 12, 50, 4, 33]]
@@ -193,7 +193,7 @@ def test_min_length_and_several_eos_ids(model):
 
 def test_fast_topk_equals_a_full_stable_sort():
     """The threshold shortcut used on GPT-2-sized rows returns what a full sort returns, ties included."""
-    from jt_lora.generate import _extend, _topk
+    from jt_lora.generation.beam import _extend, _topk
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (20, 50257)).astype(np.float32)
     logits[:, [7, 5, 900]] = logits.max() + 1.0                 # exact ties at the top
@@ -243,7 +243,7 @@ def test_read_predictions_drops_truncated_last_line(tmp_path):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, model):
     """Base weights (HF dir) + LoRA adapter dir of the module's model, and an encoded data file."""
-    from jt_lora.saving import save_adapter
+    from jt_lora.models.saving import save_adapter
     root = tmp_path_factory.mktemp("cli")
     model.save_pretrained(root / "base")
     save_adapter(model, root / "adapter")
@@ -315,9 +315,9 @@ def test_cli_errors_name_the_missing_file(saved, capsys):
 
 
 def test_decoded_text_cut_like_gpt2_decode():
-    from jt_lora.assets import try_find_asset
-    from jt_lora.generate import _text
-    from jt_lora.tokenizer import load_tokenizer
+    from jt_lora.io.assets import try_find_asset
+    from jt_lora.generation.beam import _text
+    from jt_lora.models.tokenizer import load_tokenizer
     if try_find_asset("gpt2-vocab") is None:
         pytest.skip("gpt2-vocab asset not available")
     tok = load_tokenizer()
@@ -330,7 +330,7 @@ def test_decode_cache_steps_equal_the_gathered_cache():
     """Step by step, with left padding, reordering, duplicated and dropped rows: the host-side
     cache (ancestry instead of copies, fused attention) gives the hidden states of the plain
     gathered KV cache."""
-    from jt_lora.decode_cache import DecodeCache
+    from jt_lora.generation.cache import DecodeCache
     model = _tiny_model(seed=5)
     rng = np.random.default_rng(0)
     prompts = [[3, 8, 1, 4], [9, 2]]
@@ -393,7 +393,7 @@ def test_overwrite_with_a_bad_flag_keeps_the_complete_file(saved, capsys, flags,
 
 
 def test_overwrite_replaces_only_when_complete(saved, monkeypatch, capsys):
-    import jt_lora.generate as G
+    import jt_lora.generation.beam as G
     root, _ = saved
     assert _cli_main(root, "ow.jsonl") == 0
     before = (root / "ow.jsonl").read_bytes()
@@ -417,7 +417,7 @@ def test_overwrite_replaces_only_when_complete(saved, monkeypatch, capsys):
 
 
 def test_enospc_while_appending_keeps_finished_batches(saved, monkeypatch, capsys):
-    import jt_lora.generate as G
+    import jt_lora.generation.beam as G
     root, _ = saved
     real, calls = G._append_records, []
 
@@ -437,7 +437,7 @@ def test_enospc_while_appending_keeps_finished_batches(saved, monkeypatch, capsy
 
 
 def test_read_only_and_file_parent_outputs_fail_before_work(saved, monkeypatch, capsys, tmp_path):
-    import jt_lora.saving as S
+    import jt_lora.models.saving as S
     root, _ = saved
     (tmp_path / "plain").write_text("x")
     assert main(["--data", str(root / "test.jsonl"), "--base_checkpoint", str(root / "base"),
@@ -460,5 +460,5 @@ def test_help_prints_each_default_once():
 
 
 def build_help():
-    from jt_lora.generate import build_parser
+    from jt_lora.generation.beam import build_parser
     return build_parser().format_help()

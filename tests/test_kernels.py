@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jt_lora.backend import jt
-from jt_lora.kernels import batched_matmul, fast_path_available
+from jt_lora.nn.kernels import batched_matmul, fast_path_available
 
 
 @pytest.mark.parametrize("transpose_b", [False, True])
@@ -38,7 +38,7 @@ def test_fast_path_is_used_on_cpu_with_onednn():
 def test_small_rows_matmul_matches_float64_product(rows, k, n, transpose_w, with_bias):
     """Every path (register strips with column tails, oneDNN fallback, left-operand sgemm +
     transpose) gives the product, bias included, for row counts inside and past the strip limit."""
-    from jt_lora.kernels import small_rows_matmul
+    from jt_lora.nn.kernels import small_rows_matmul
     rng = np.random.default_rng(rows * 1000 + k)
     x = rng.normal(size=(rows, k)).astype("float32")
     w = rng.normal(size=(n, k) if transpose_w else (k, n)).astype("float32")
@@ -52,7 +52,7 @@ def test_small_rows_matmul_matches_float64_product(rows, k, n, transpose_w, with
 
 
 def test_small_rows_matmul_keeps_leading_dims_and_rejects_bad_shapes():
-    from jt_lora.kernels import SMALL_ROWS_MAX, small_rows_matmul
+    from jt_lora.nn.kernels import SMALL_ROWS_MAX, small_rows_matmul
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 3, 8)).astype("float32")
     w = rng.normal(size=(8, 64)).astype("float32")
@@ -68,7 +68,7 @@ def test_small_rows_matmul_keeps_leading_dims_and_rejects_bad_shapes():
 def test_dense_takes_the_inference_kernel_only_without_gradients():
     """Under no_grad a few rows take the kernel; with a trainable input the ordinary product runs,
     and its gradient is right."""
-    from jt_lora.kernels import dense, use_small_rows
+    from jt_lora.nn.kernels import dense, use_small_rows
     rng = np.random.default_rng(2)
     x = jt.array(rng.normal(size=(4, 16)).astype("float32"))
     w = jt.array(rng.normal(size=(16, 32)).astype("float32"))
@@ -87,7 +87,7 @@ def test_dense_takes_the_inference_kernel_only_without_gradients():
 
 def test_scale_last_dim_values_and_gradients():
     """(IA)³'s scaling op: x*s, and gradients gy*s and the column sums of x*gy."""
-    from jt_lora.kernels import scale_last_dim
+    from jt_lora.nn.kernels import scale_last_dim
     rng = np.random.default_rng(3)
     x = jt.array(rng.normal(size=(3, 5, 7)).astype("float32"))
     s = jt.array(rng.normal(size=7).astype("float32"))
@@ -114,8 +114,8 @@ def test_attention_softmax_matches_float64_reference(keep_batch, keep_heads):
     """Values and score gradients of the fused masked softmax equal the reference's
     softmax(w/√d·keep - 1e10·(1-keep)) computed in numpy float64 (gradient by its closed form), for keep
     masks broadcast over batch and/or heads (with masked keys), and on causal_mask with padding."""
-    from jt_lora.kernels import attention_softmax
-    from jt_lora.model import causal_mask
+    from jt_lora.nn.kernels import attention_softmax
+    from jt_lora.models.gpt2 import causal_mask
     rng = np.random.default_rng(keep_batch * 10 + keep_heads)
     b, h, tq, tk = 2, 3, 4, 6
     scores_np = rng.normal(0, 3, size=(b, h, tq, tk)).astype("float32")

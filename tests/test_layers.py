@@ -9,7 +9,7 @@ import pytest
 from conftest import needs_torch, torch_reference
 from jt_lora import IA3Linear, Linear, MergedLinear, adapter_state_dict, mark_only_adapter_as_trainable
 from jt_lora.backend import jt
-from jt_lora.lora import Embedding, InhibitionGate
+from jt_lora.nn.lora import Embedding, InhibitionGate
 
 rng = np.random.default_rng(0)
 

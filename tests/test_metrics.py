@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jt_lora import metrics as M
+from jt_lora.tasks.e2e import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
 

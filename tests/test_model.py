@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY
 from jt_lora import GPT2Config, GPT2LMModel
 from jt_lora.backend import jt
-from jt_lora.checkpoint import CheckpointError
+from jt_lora.models.checkpoint import CheckpointError
 
 TINY_CFG = GPT2Config(**TINY)
 
@@ -202,7 +202,7 @@ def test_from_pretrained_builds_the_plain_model_unless_an_adapter_is_asked(hf_ch
 def test_ina_slope_in_config_and_native_adapter_file(tmp_path):
     """The slope reaches every InA layer, save_adapter records it, and a file written without it
     (before it was recorded) reads as 0.1 with a warning naming the file."""
-    from jt_lora.saving import ADAPTER_CONFIG, load_adapter, read_adapter_config, save_adapter
+    from jt_lora.models.saving import ADAPTER_CONFIG, load_adapter, read_adapter_config, save_adapter
     model = _random_model("ina", lora_inhibition=0.3)
     assert model.config.lora_inhibition_slope == 0.01
     assert {b.attn.c_attn.gate.negative_slope for b in model.transformer.h} == {0.01}

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from jt_lora import model_flags as MF
+from jt_lora.models import loading as MF
 
 
 def parse(*argv):
@@ -19,13 +19,13 @@ META = {"adapter": "lora", "lora_attn_dim": 4, "lora_attn_alpha": 32.0, "lora_dr
         "lora_inhibition": 0.0, "lora_enable": [True, False, True], "ia3_enable": [False, True, True],
         "ia3_feedforward": True, "base": {"vocab_size": 97, "n_positions": 64, "n_embd": 48, "n_layer": 2,
                                           "n_head": 3}}
-from jt_lora.saving import ADAPTER_FIELDS as FIELDS
+from jt_lora.models.saving import ADAPTER_FIELDS as FIELDS
 INA = {**META, "adapter": "ina", "lora_inhibition": 0.3}
 
 
 def test_defaults_are_the_lora_papers_and_the_trainers():
-    from jt_lora.model import GPT2Config
-    from jt_lora.train import build_parser as train_parser
+    from jt_lora.models.gpt2 import GPT2Config
+    from jt_lora.training.trainer import build_parser as train_parser
 
     defaults = {f.name: f.default for f in dataclasses.fields(GPT2Config)}
     assert (MF.LORA_DIM, MF.LORA_ALPHA) == (defaults["lora_attn_dim"], defaults["lora_attn_alpha"]) == (4, 32.0)

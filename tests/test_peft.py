@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY
 from jt_lora import GPT2Config, GPT2LMModel
 from jt_lora.backend import jt, nn
-from jt_lora.lora import Linear
+from jt_lora.nn.lora import Linear
 from jt_lora.peft import (AdapterFileError, IA3Config, LoraConfig, LoraLayer, ModulesToSaveWrapper,
                           PeftModel, get_peft_model)
 from jt_lora.peft.config import config_from_dict
@@ -499,7 +499,7 @@ def test_forward_with_cache_and_generation_pass_through(base):
     with peft.disable_adapter():
         assert _greedy(peft, [1, 5, 7]) == _greedy(_base(), [1, 5, 7])
     try:
-        from jt_lora.generate import BeamSettings, beam_search_batch
+        from jt_lora.generation.beam import BeamSettings, beam_search_batch
     except ImportError:
         beam = None
     else:
@@ -588,7 +588,7 @@ def test_bad_adapter_files_name_the_problem_and_leave_the_model_unchanged(saved,
 
 
 def test_save_is_atomic(saved, monkeypatch):
-    import jt_lora.saving as saving
+    import jt_lora.models.saving as saving
     good = saved / "good"
     files = {f.name: f.read_bytes() for f in good.iterdir()}
     peft = _randomize(get_peft_model(_base(), IA3Config()))
@@ -602,7 +602,7 @@ def test_save_is_atomic(saved, monkeypatch):
 
 
 def test_microsoft_lora_checkpoint_errors(tmp_path):
-    from jt_lora.saving import save_safetensors
+    from jt_lora.models.saving import save_safetensors
     path = tmp_path / "ms.safetensors"
     save_safetensors(path, {"transformer.h.0.attn.c_attn.weight": np.ones((N, 3 * N), "float32")})
     with pytest.raises(AdapterFileError, match="no lora_A/lora_B"):

@@ -17,7 +17,7 @@ import pytest
 from conftest import HAS_TORCH, TINY
 from jt_lora import GPT2Config, GPT2LMModel
 from jt_lora.backend import jt
-from jt_lora.lora import InhibitionGate
+from jt_lora.nn.lora import InhibitionGate
 from jt_lora.peft import IA3Config, LoraConfig, PeftModel, from_native, get_peft_model
 from jt_lora.peft.config import config_from_dict
 from jt_lora.peft.layers import LoraLayer

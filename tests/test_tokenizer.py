@@ -4,7 +4,7 @@ Two references: a small pure-Python GPT-2 BPE written here (regex split, byte-to
 lowest-rank merge first: the algorithm of GPT-2's and microsoft/LoRA's encoder.py), and
 transformers' GPT2Tokenizer when installed (in transformers 5 it is backed by the Rust `tokenizers`
 library, an implementation independent of tiktoken). The vocab and E2E data are found at run time
-through jt_lora.assets (scripts/test.sh downloads them when no copy is found); only the tests that
+through jt_lora.io.assets (scripts/test.sh downloads them when no copy is found); only the tests that
 read them skip without them, the error-path tests always run.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jt_lora import assets
-from jt_lora.tokenizer import EOS_TOKEN_ID, load_tokenizer
+from jt_lora.io import assets
+from jt_lora.models.tokenizer import EOS_TOKEN_ID, load_tokenizer
 
 VOCAB = assets.try_find_asset("gpt2-vocab/encoder.json")
 VOCAB = VOCAB.parent if VOCAB is not None else None

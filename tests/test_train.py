@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jt_lora.optim import AdamW, lr_lambda
+from jt_lora.training.optim import AdamW, lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

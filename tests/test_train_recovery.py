@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 from test_train import _synthetic
 
 train_mod = pytest.importorskip("jt_lora.train")
-from jt_lora import saving, workdir  # noqa: E402
+from jt_lora.models import saving  # noqa: E402
+from jt_lora.training import workdir  # noqa: E402
 
 TINY = ["--model_card", "gpt2.sm", "--n_layer", "2", "--n_embd", "32", "--n_head", "4", "--vocab_size", "64"]
 

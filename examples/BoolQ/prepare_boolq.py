@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 try:
-    from jt_lora import boolq
+    from jt_lora.tasks.boolq import data as boolq
 except ImportError:  # not installed: run from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from jt_lora import boolq
+    from jt_lora.tasks.boolq import data as boolq
 
 
 def _valid_size(text: str) -> float:

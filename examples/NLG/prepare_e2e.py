@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 try:
-    from jt_lora import e2e_data
+    from jt_lora.tasks.e2e import data as e2e_data
 except ImportError:  # not installed: run from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from jt_lora import e2e_data
+    from jt_lora.tasks.e2e import data as e2e_data
 
 
 def parse_args(argv=None):
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         if n_long:
             print(f"{name}: {n_long} of {r.n_examples} examples exceed --seq_len {args.seq_len} and will be truncated")
     if not results:
-        from jt_lora.assets import data_roots
+        from jt_lora.io.assets import data_roots
         searched = ", ".join(f"{label} ({path}/e2e)" for label, path in data_roots())
         print(f"error: no E2E data found (searched {searched}); point JT_LORA_DATA at a directory holding "
               "e2e/ (or e2e-csv/), pass --data_dir, or run `bash scripts/download_data.sh`", file=sys.stderr)

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, Optional
 import numpy as np
 
 from ..backend import jt
-from ..model import token_losses
+from ..models.gpt2 import token_losses
 from .models import padding_mask
 
 __all__ = ["head_importance", "dataset_loss", "ffn_knockout", "loss_weights", "DEFINITIONS"]

@@ -129,7 +129,7 @@ def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.
     """Per layer: attention probabilities [B, H, T, T] and each head's write to the residual
     stream [B, H, T, C] (its attention-weighted values through its rows of ``c_proj``, without the
     bias). The residual stream itself comes from the model's own blocks, unmasked."""
-    from ..model import causal_mask
+    from ..models.gpt2 import causal_mask
 
     tr = model.transformer
     b, t = input_ids.shape
@@ -164,7 +164,7 @@ def embedding_head_values(model, input_ids: np.ndarray) -> Iterator[Tuple[np.nda
     [B, H, T, T] and output vectors [B, H, T, C], both computed from ``ln_1`` of the token +
     position embeddings (not the residual stream); the output at ``j`` is the head's value at ``j``
     through its rows of ``c_proj``, bias included."""
-    from ..model import causal_mask
+    from ..models.gpt2 import causal_mask
 
     tr = model.transformer
     b, t = input_ids.shape

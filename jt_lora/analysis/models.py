@@ -79,7 +79,7 @@ def check_adapter_flags(adapter_dir, meta: dict, flags: Dict[str, object]) -> No
     Raises:
         ValueError: naming the flag, the config file and both values.
     """
-    from ..saving import ADAPTER_CONFIG
+    from ..models.saving import ADAPTER_CONFIG
 
     for flag, value in flags.items():
         field = ADAPTER_FLAGS[flag]
@@ -107,8 +107,8 @@ def load_model(spec: ModelSpec, flags: Optional[Dict[str, object]] = None):
         ValueError: the files do not hold a GPT-2 / an adapter that fits the checkpoint (the
             message names the file).
     """
-    from ..model import GPT2LMModel
-    from ..saving import ADAPTER_FIELDS, load_adapter, read_adapter_config
+    from ..models.gpt2 import GPT2LMModel
+    from ..models.saving import ADAPTER_FIELDS, load_adapter, read_adapter_config
 
     if not Path(spec.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {spec.checkpoint}")
@@ -116,7 +116,7 @@ def load_model(spec: ModelSpec, flags: Optional[Dict[str, object]] = None):
     if spec.adapter_dir is not None:
         if not Path(spec.adapter_dir).is_dir():
             raise FileNotFoundError(f"adapter directory not found: {spec.adapter_dir}")
-        from ..saving import ADAPTER_CONFIG
+        from ..models.saving import ADAPTER_CONFIG
 
         read_json(Path(spec.adapter_dir) / ADAPTER_CONFIG)   # bytes and syntax, with line and column
         meta = read_adapter_config(spec.adapter_dir)
@@ -147,7 +147,7 @@ def unique_slugs(labels: List[str]) -> List[str]:
 
 def read_examples(path, seq_len: int, vocab_size: int, max_examples: Optional[int] = None):
     """The first ``max_examples`` examples of an encoded JSONL file as an ``FTDataset``."""
-    from ..data import FTDataset
+    from ..training.data import FTDataset
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -164,7 +164,7 @@ def example_batches(dataset, batch_size: int, pad_to_multiple_of: int = 8) -> It
     """Batches of ``dataset`` grouped by length (less padding; every analysis excludes padding, so
     the order does not change any result). Each batch is ``jt_lora.data.collate`` output:
     ``input``/``target``/``mask`` [B, T] and ``length`` [B]."""
-    from ..data import collate
+    from ..training.data import collate
 
     order = np.argsort(dataset.lengths, kind="stable")
     for start in range(0, len(order), batch_size):

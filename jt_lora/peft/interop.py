@@ -41,8 +41,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ..lora import INA_SLOPE, LEGACY_INA_SLOPE
-from ..saving import atomic_write_text, save_safetensors
+from ..nn.lora import INA_SLOPE, LEGACY_INA_SLOPE
+from ..models.saving import atomic_write_text, save_safetensors
 from .config import LoraConfig, IA3Config, PeftConfig, config_from_dict
 from .layers import IA3Layer, LoraLayer, assign
 
@@ -219,7 +219,7 @@ def read_adapter_files(path) -> Tuple[PeftConfig, Dict[str, np.ndarray], Optiona
         except Exception as e:  # safetensors raises its own error types
             raise AdapterFileError(f"{weights}: unreadable safetensors file ({e})") from e
     elif (path / LEGACY_WEIGHTS_NAME).exists():
-        from ..torch_pickle import load_torch_file
+        from ..models.torch_pickle import load_torch_file
         weights = path / LEGACY_WEIGHTS_NAME
         state = load_torch_file(weights)
     else:
@@ -345,7 +345,7 @@ def _read_ms_checkpoint(model, path: Path, config: Optional[LoraConfig]):
     """microsoft/LoRA's ``{'model_state_dict': ...}``: ``lora_A``/``lora_B`` on ``c_attn`` in loralib's
     grouped layout. The file stores neither alpha nor the enabled parts: alpha comes from ``config``
     (default 32, the E2E recipe, with a warning); two groups mean q and v (the repo's GPT-2 setting)."""
-    from ..checkpoint import normalize_gpt2_keys, read_state_dict
+    from ..models.checkpoint import normalize_gpt2_keys, read_state_dict
     raw, _ = read_state_dict(path)
     lora = {k: v for k, v in normalize_gpt2_keys(raw).items() if k.endswith((".lora_A", ".lora_B"))}
     if not lora:
@@ -385,8 +385,8 @@ def from_native(model, adapter_name: str = "default"):
     (IA)³ becomes ``IA3Config`` on ``c_attn`` (vector of ones on the parts it leaves alone) and
     ``mlp.c_proj`` (feed-forward).
     """
-    from ..ia3 import IA3Linear
-    from ..lora import Linear, MergedLinear
+    from ..nn.ia3 import IA3Linear
+    from ..nn.lora import Linear, MergedLinear
     from .model import PeftModel
     from .tuner import _set_child
 

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..backend import jt, nn
-from ..lora import INA_SLOPE, InhibitionGate, kaiming_uniform
-from ..modes import AdapterModule
+from ..nn.lora import INA_SLOPE, InhibitionGate, kaiming_uniform
+from ..nn.modes import AdapterModule
 
 __all__ = ["ModuleDict", "ParameterDict", "LoraWeight", "TunerLayer", "LoraLayer", "IA3Layer",
            "ModulesToSaveWrapper", "linear_info", "assign", "clone_module"]
@@ -72,7 +72,7 @@ def linear_info(module) -> Optional[Tuple[int, int, bool]]:
     jt_lora ``Linear`` layers with r == 0 and Jittor's ``nn.Linear`` qualify; jt_lora layers
     that already carry their own adapter do not (wrapping them would stack two adapters).
     """
-    from ..lora import Linear
+    from ..nn.lora import Linear
     if isinstance(module, Linear) and module.r == 0:
         return module.in_features, module.out_features, bool(module.fan_in_fan_out)
     if type(module) is nn.Linear:

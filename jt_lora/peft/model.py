@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ..modes import AdapterModule
+from ..nn.modes import AdapterModule
 from .config import PeftConfig
 from .interop import assign_state, check_reference_compatible, load_adapter_into, read_adapter, save_adapter_dir
 from .tuner import TUNERS
@@ -70,7 +70,7 @@ class PeftModel(AdapterModule):
 
     def get_nb_trainable_parameters(self) -> Tuple[int, int]:
         """(trainable, all) parameter counts, adapters and base included, as PEFT counts them."""
-        from ..adapters import count_parameters
+        from ..nn.adapters import count_parameters
         return count_parameters(self)
 
     def print_trainable_parameters(self):

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..backend import jt
-from ..modes import AdapterModule
+from ..nn.modes import AdapterModule
 from .config import ALL_LINEAR, DEFAULT_TARGETS, IA3Config, LoraConfig, PeftConfig
 from .layers import IA3Layer, LoraLayer, ModulesToSaveWrapper, TunerLayer, assign, linear_info
 
@@ -29,7 +29,7 @@ __all__ = ["BaseTuner", "LoraModel", "IA3Model", "check_target_module_exists", "
 
 def model_type(model) -> Optional[str]:
     """``'gpt2'`` for jt_lora's GPT-2 (the only architecture with default targets), else None."""
-    from ..model import GPT2LMModel
+    from ..models.gpt2 import GPT2LMModel
     return "gpt2" if isinstance(model, GPT2LMModel) else None
 
 

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .backend import jt, nn
+from ..backend import jt, nn
 from .kernels import dense
 from .modes import AdapterModule, assign_keep_trainable
 

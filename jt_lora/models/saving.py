@@ -18,7 +18,7 @@ from typing import Dict
 
 import numpy as np
 
-from .adapters import adapter_state_dict, is_adapter_param
+from ..nn.adapters import adapter_state_dict, is_adapter_param
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "save_safetensors", "save_pretrained",
            "save_adapter", "load_adapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FIELDS"]
@@ -109,7 +109,7 @@ def save_adapter(model, out_dir, extra: dict = None):
 
 def read_adapter_config(adapter_dir) -> dict:
     """The adapter config ``save_adapter`` wrote; an InA file without the slope gets the legacy 0.1."""
-    from .lora import LEGACY_INA_SLOPE
+    from ..nn.lora import LEGACY_INA_SLOPE
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter_dir}")
@@ -153,7 +153,7 @@ def load_adapter(model, adapter_dir):
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: missing {missing}; unexpected {unexpected}; shape mismatch {shapes}")
     model.train()
-    from .modes import assign_keep_trainable
+    from ..nn.modes import assign_keep_trainable
     for k, arr in state.items():
         assign_keep_trainable(params[k], arr.astype(np.float32))
     return meta

@@ -222,7 +222,7 @@ def prune_checkpoints(work_dir, run_id: str, keep: int, current_step: int) -> Li
 def truncate_log(log_path, step: int) -> int:
     """Rewrite log.jsonl (atomically) without entries past ``step`` or broken lines; returns how many
     were dropped. A resumed run re-logs those steps, so keeping them would repeat them."""
-    from .saving import atomic_write_text
+    from ..models.saving import atomic_write_text
     path = Path(log_path)
     if not path.exists():
         return 0

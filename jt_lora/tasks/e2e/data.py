@@ -5,7 +5,7 @@ Two outputs per split, as in microsoft/LoRA's ``create_datasets.sh``:
 * formatted JSONL (``format_converting_e2e.py``): ``{"context": MR, "completion": text}``, where a
   txt line is stripped, split at ``||``, and the first part is the MR, the second the text;
 * encoded JSONL (``gpt2_encode.py --add_bos --add_eos``): ``context = encode(MR) + [50256]`` and
-  ``completion = encode(" " + text) + [50256]``, with GPT-2 BPE from :mod:`jt_lora.tokenizer`.
+  ``completion = encode(" " + text) + [50256]``, with GPT-2 BPE from :mod:`jt_lora.models.tokenizer`.
 
 The official CSVs (``mr,ref``) write MRs as ``name[The Mill], eatType[pub], priceRange[£20-25]``;
 LoRA's txt files hold the same rows, in the same order, as ``name : The Mill | Type : pub |
@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from jt_lora.assets import try_find_asset
-from jt_lora.textio import iter_text_lines
+from jt_lora.io.assets import try_find_asset
+from jt_lora.io.textio import iter_text_lines
 
 BOS_ID = EOS_ID = 50256
 FORMAT_VERSION = 1
@@ -44,7 +44,7 @@ SEPARATOR = "||"
 TEXT_STYLES = ("raw", "lora")
 # Official attribute names -> the names LoRA's txt files use (all others are kept as they are).
 LORA_ATTRIBUTE_NAMES = {"eatType": "Type", "familyFriendly": "family friendly", "priceRange": "price"}
-# Where each split is looked for, in order (paths relative to a data root, see jt_lora.assets).
+# Where each split is looked for, in order (paths relative to a data root, see jt_lora.io.assets).
 SPLIT_SOURCES = {
     "train": ("e2e/train.txt", "e2e-csv/trainset.csv"),
     "valid": ("e2e/valid.txt", "e2e-csv/devset.csv"),
@@ -247,7 +247,7 @@ def encode_examples(examples: Sequence[Example], tokenizer, add_bos: bool = True
 
     Args:
         examples: the pairs to encode.
-        tokenizer: anything with ``encode_batch(list[str]) -> list[list[int]]`` (see jt_lora.tokenizer).
+        tokenizer: anything with ``encode_batch(list[str]) -> list[list[int]]`` (see jt_lora.models.tokenizer).
         add_bos: append 50256 to the context (it separates MR and text; LoRA always sets it).
         add_eos: append 50256 to the completion (teaches the model to stop).
     """
@@ -397,7 +397,7 @@ def convert_file(
         limit: then keep only the first ``limit`` of those.
         force: re-convert even if the cached output looks current.
     """
-    from jt_lora.tokenizer import load_tokenizer  # tiktoken is only needed when encoding
+    from jt_lora.models.tokenizer import load_tokenizer  # tiktoken is only needed when encoding
 
     t0 = time.perf_counter()
     source, output = Path(source), Path(output)
@@ -465,7 +465,7 @@ def find_split_source(split: str, source: str = "auto", data_dir=None) -> Option
     Args:
         split: ``train``, ``valid`` or ``test``.
         source: ``"txt"`` or ``"csv"`` to accept only that kind.
-        data_dir: an explicit data root (a flag); None uses the :mod:`jt_lora.assets` search order.
+        data_dir: an explicit data root (a flag); None uses the :mod:`jt_lora.io.assets` search order.
     """
     txt, csv_name = SPLIT_SOURCES[split]
     candidates = {"auto": (txt, csv_name), "txt": (txt,), "csv": (csv_name,)}[source]

@@ -7,7 +7,7 @@ next ``train()``. ``AdapterModule`` records the trainable set afresh at every
 ``eval()``, restores exactly that set at ``train()``, and lets every adapter
 layer below merge (eval) or unmerge (train) as loralib does.
 """
-from .backend import jt
+from ..backend import jt
 
 __all__ = ["AdapterModule", "assign_keep_trainable"]
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .backend import jt, nn
+from ..backend import jt, nn
 from .kernels import dense, scale_last_dim
 from .lora import ExactMerge, kaiming_uniform
 from .modes import AdapterModule, assign_keep_trainable

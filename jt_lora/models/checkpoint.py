@@ -15,8 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .adapters import is_adapter_param
-from .modes import assign_keep_trainable
+from ..nn.adapters import is_adapter_param
+from ..nn.modes import assign_keep_trainable
 
 __all__ = ["read_state_dict", "normalize_gpt2_keys", "load_gpt2_checkpoint", "load_into_model",
            "CheckpointError"]
@@ -134,7 +134,7 @@ def load_into_model(model, state: Dict[str, np.ndarray], strict: bool = True, so
 
 def load_gpt2_checkpoint(cls, path, config=None, strict: bool = True, **overrides):
     """Build ``cls`` with the checkpoint's architecture and load its weights."""
-    from .model import GPT2Config
+    from .gpt2 import GPT2Config
 
     raw, hf_config = read_state_dict(path)
     state = normalize_gpt2_keys(raw)

@@ -16,7 +16,7 @@ without oneDNN, both fall back to ``jt.matmul`` (cuBLAS has a batched product of
 import functools
 import math
 
-from .backend import jt, nn, onednn_available, use_cuda
+from ..backend import jt, nn, onednn_available, use_cuda
 
 __all__ = ["batched_matmul", "dense", "small_rows_matmul", "use_small_rows", "fast_path_available", "SMALL_ROWS_MAX"]
 

@@ -5,7 +5,7 @@ tiktoken's Rust BPE is ~10x faster than the pure-Python encoder of GPT-2 / micro
 256 + its line in ``vocab.bpe``, so "lowest merge rank first" and "lowest token id first" pick the
 same merges. :func:`_mergeable_ranks` checks that property instead of assuming it.
 
-Nothing here touches the network: the files are read from disk (see :mod:`jt_lora.assets`).
+Nothing here touches the network: the files are read from disk (see :mod:`jt_lora.io.assets`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import tiktoken
 
-from jt_lora.assets import find_asset
+from jt_lora.io.assets import find_asset
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_TOKEN_ID = 50256

@@ -12,12 +12,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .backend import jt, nn
-from .decode_cache import DecodeCache
-from .ia3 import IA3Linear
-from .kernels import attention_softmax, batched_matmul, fast_path_available
-from .lora import INA_SLOPE, Linear, MergedLinear
-from .modes import AdapterModule
+from ..backend import jt, nn
+from ..generation.cache import DecodeCache
+from ..nn.ia3 import IA3Linear
+from ..nn.kernels import attention_softmax, batched_matmul, fast_path_available
+from ..nn.lora import INA_SLOPE, Linear, MergedLinear
+from ..nn.modes import AdapterModule
 
 __all__ = ["GPT2Config", "GPT2LMModel", "MODEL_CARDS", "ADAPTERS", "causal_mask", "lm_loss", "token_losses"]
 
@@ -277,7 +277,7 @@ class GPT2LMModel(AdapterModule):
     def _init_frozen_base(self):
         """Adapters present: the base is frozen and only adapters train (as loralib users expect)."""
         if self.config.adapter != "none":
-            from .adapters import mark_only_adapter_as_trainable
+            from ..nn.adapters import mark_only_adapter_as_trainable
             mark_only_adapter_as_trainable(self)
 
     @classmethod

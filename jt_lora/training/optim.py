@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import jt
+from ..backend import jt
 
 __all__ = ["AdamW", "lr_lambda", "SCHEDULERS", "clip_grad_norm"]
 

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .backend import jt
+from ..backend import jt
 
 __all__ = ["DecodeCache"]
 

@@ -187,7 +187,7 @@ def check_model_flags(args) -> dict:
 def build_model(args):
     """The model the flags describe, weights loaded, in eval mode (adapters merged where possible)."""
     from .checkpoint import _architecture, load_into_model, normalize_gpt2_keys, read_state_dict
-    from .model import GPT2Config, GPT2LMModel
+    from .gpt2 import GPT2Config, GPT2LMModel
     from .saving import ADAPTER_CONFIG, ADAPTER_FIELDS, load_adapter, read_adapter_config
 
     meta = meta_path = None

@@ -14,8 +14,8 @@ that was tried and says how to get it (``$JT_LORA_DATA`` or the download script)
 The module needs only the standard library, so the shell scripts can ask it, with any Python 3 and
 before ``.venv`` exists, whether the quickstart data is there::
 
-    python3 -m jt_lora.assets check     # silent, exit 0 when found; else one error line, exit 1
-    python3 -m jt_lora.assets where     # where each quickstart file is found
+    python3 -m jt_lora.io.assets check     # silent, exit 0 when found; else one error line, exit 1
+    python3 -m jt_lora.io.assets where     # where each quickstart file is found
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 ENV_VAR = "JT_LORA_DATA"
-# The repository root: jt_lora/assets.py -> jt_lora -> root.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The repository root: jt_lora/io/assets.py -> jt_lora/io -> jt_lora -> root.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DOWNLOAD_SCRIPT = "scripts/download_data.sh"
 DOWNLOAD_HINT = f"run `bash {DOWNLOAD_SCRIPT}` (needs network) or set {ENV_VAR} to a data directory containing"
 # What scripts/demo.sh and the data tests read: the GPT-2 vocab and the E2E valid/test files (both
@@ -124,7 +124,7 @@ def missing_data_message(missing: Sequence[str], download_failed: bool = False,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``check``: exit 1 with one error line when quickstart data is missing; ``where``: list it."""
-    parser = argparse.ArgumentParser(prog="python -m jt_lora.assets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jt_lora.io.assets", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("check", "where"))
     parser.add_argument("names", nargs="*", help="asset names (default: the quickstart set)")
     parser.add_argument("--download_failed", action="store_true",

@@ -5,7 +5,7 @@ or ``ia3_``, so freezing, saving and optimiser set-up select by prefix.
 """
 from typing import Dict
 
-from .backend import jt
+from ..backend import jt
 
 __all__ = ["ADAPTER_PREFIXES", "is_adapter_param", "mark_only_adapter_as_trainable",
            "adapter_state_dict", "trainable_parameters", "count_parameters"]

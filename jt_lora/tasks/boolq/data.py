@@ -7,7 +7,7 @@ example becomes a prompt/completion pair for the same training and generation co
 * formatted JSONL: ``{"context": prompt, "completion": "yes" | "no"}``, with the prompt
   ``"{title}: {passage}\\nQuestion: {question}?\\nAnswer:"`` by default (:data:`DEFAULT_TEMPLATE`);
 * encoded JSONL: ``context = encode(prompt) + [50256]``, ``completion = encode(" yes") + [50256]``
-  (or `` no``), as :mod:`jt_lora.e2e_data` writes E2E.
+  (or `` no``), as :mod:`jt_lora.tasks.e2e.data` writes E2E.
 
 The training loader cuts ``context + completion`` at ``seq_len`` from the right, which would cut
 the answer. So passages are truncated here instead, at a word boundary from the end, until the
@@ -21,7 +21,7 @@ side (BoolQ asks several questions about some passages), so valid never shares a
 train.
 
 Outputs are written atomically with a ``.meta.json`` beside each, and re-used while it records the
-same source, vocab and settings (the conventions and helpers of :mod:`jt_lora.e2e_data`).
+same source, vocab and settings (the conventions and helpers of :mod:`jt_lora.tasks.e2e.data`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from jt_lora.assets import try_find_asset
-from jt_lora.textio import iter_text_lines
-from jt_lora.e2e_data import (
+from jt_lora.io.assets import try_find_asset
+from jt_lora.io.textio import iter_text_lines
+from jt_lora.tasks.e2e.data import (
     BOS_ID,
     EOS_ID,
     _atomic_write_text,
@@ -314,7 +314,7 @@ def encode_examples(examples: Sequence[Example], tokenizer, seq_len: int, *, tem
 
     Args:
         examples: the examples.
-        tokenizer: anything with ``encode`` and ``encode_batch`` (see :mod:`jt_lora.tokenizer`).
+        tokenizer: anything with ``encode`` and ``encode_batch`` (see :mod:`jt_lora.models.tokenizer`).
         seq_len: the training ``--seq_len``: ``len(context) + len(completion) <= seq_len``.
         template: see :func:`render_prompt`.
         add_bos, add_eos: append 50256 to the context / completion, as for E2E.
@@ -410,7 +410,7 @@ def prepare_boolq(
     Args:
         out_dir: output directory.
         train_file, dev_file: explicit sources; None looks for ``boolq/{train,dev}.jsonl`` under
-            ``data_dir``, or else in the :mod:`jt_lora.assets` search order.
+            ``data_dir``, or else in the :mod:`jt_lora.io.assets` search order.
         seq_len: every example fits this many tokens (passages are cut, see :func:`fit_prompt`).
         valid_size, seed, split_by: see :func:`split_train_valid`.
         template: prompt template (see :func:`render_prompt`).
@@ -428,7 +428,7 @@ def prepare_boolq(
         ValueError / FileNotFoundError: bad settings, a bad line (naming file and line), a missing
             explicit file, or no official file at all.
     """
-    from jt_lora.tokenizer import load_tokenizer  # tiktoken is only needed when encoding
+    from jt_lora.models.tokenizer import load_tokenizer  # tiktoken is only needed when encoding
 
     check_template(template)
     if split_by not in SPLIT_BY:

@@ -1,0 +1,1 @@
+"""Decoding: beam search with microsoft/LoRA's gpt2_beam.py semantics and the KV caches it uses."""

@@ -1,0 +1,1 @@
+"""BoolQ: conversion to the prompt/completion format and accuracy evaluation."""

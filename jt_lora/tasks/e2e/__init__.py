@@ -1,0 +1,1 @@
+"""E2E NLG: data preparation (LoRA's format), decoding generated ids for the scorer, the official metrics."""

@@ -1,0 +1,719 @@
+"""Fine-tune GPT-2 with LoRA / InA / (IA)³: ``python -m jt_lora.train`` (wrapped by finetune.sh).
+
+Flags and numerics follow microsoft/LoRA's ``gpt2_ft.py``: the reference AdamW,
+schedules stepped per micro-batch, loss scaled by ``1/grad_acc``, gradient
+clipping over the accumulated gradient, label smoothing, loss only on
+completion tokens. What differs is what a long CPU/GPU job needs: dynamic
+padding, adapter-only checkpoints written atomically with the optimiser,
+schedule, data-order and RNG state (``--resume`` ends with the same weights as
+an uninterrupted run), a NaN guard that keeps the last good checkpoint, a
+progress bar, a JSONL log, a loss-curve PNG, and data parallelism over MPI
+(``mpirun -np N python -m jt_lora.train ...``; only rank 0 writes).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import jt
+from .data import FTDataLoader, FTDataset
+from ..models.gpt2 import MODEL_CARDS, GPT2Config, GPT2LMModel, token_losses
+from .optim import SCHEDULERS, AdamW, clip_grad_norm, lr_lambda
+from ..models.saving import atomic_write_text, load_adapter, save_adapter, save_safetensors
+from .workdir import (FULL_MODEL_DIR, OPTIM_FILE, RUN_FILE, STATE_FILE, OutputError, RunConflict, check_output_location,
+                      config_differences, fingerprint, list_checkpoints, new_run_id, newest_valid_checkpoint,
+                      output_errors, prune_checkpoints, read_run, run_outputs, set_aside, truncate_log,
+                      validate_checkpoint)
+
+__all__ = ["build_parser", "validate_args", "main", "Trainer", "latest_checkpoint", "UsageError"]
+
+INA_DEFAULT_INHIBITION = 0.3
+_SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
+
+
+class UsageError(ValueError):
+    """A flag value that cannot work; the message names the flag."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default once: appended to its help unless the help already states it, and
+    never as "(default: None)" (a None default is described in the help itself)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or "default" in text):  # identity: a default of 0 is shown, False (a switch) is not
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jt_lora.train", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter,
+        epilog="Exit status: 0 done, 1 an output could not be written, 2 a bad flag, file or work_dir, "
+               "3 non-finite loss or weights (the last good checkpoint is kept).")
+    a = p.add_argument
+    a("--train_data", required=True, help="encoded JSONL ({'context': ids, 'completion': ids}); required")
+    a("--valid_data", default=None, help="encoded JSONL for validation loss/perplexity (default: no validation)")
+    a("--init_checkpoint", default=None, help="base GPT-2 weights (HF dir/.bin/.safetensors or a microsoft/LoRA "
+                                              "checkpoint); its shape is used (default: random init, demo only)")
+    a("--model_card", default="gpt2.md", choices=sorted(MODEL_CARDS),
+      help="model shape for a random init; with --init_checkpoint the checkpoint's shape wins (warned)")
+    a("--n_layer", type=int, default=None, help="random init only: the depth (default: the card's)")
+    a("--n_embd", type=int, default=None, help="random init only: the width (default: the card's)")
+    a("--n_head", type=int, default=None,
+      help="attention heads: overrides the card, or gives a checkpoint of non-standard width its head "
+           "count (default: the card's, or the standard count for the checkpoint's width)")
+    a("--vocab_size", type=int, default=None, help="random init only: the vocabulary size, for tests (default: 50257)")
+    a("--train_batch_size", type=int, default=8, help="examples per process per micro-batch")
+    a("--valid_batch_size", type=int, default=4, help="examples per process per validation batch")
+    a("--grad_acc", type=int, default=1, help="micro-batches per optimiser update")
+    a("--seq_len", type=int, default=512, help="longest example; longer ones are truncated")
+    a("--lr", type=float, default=2e-4, help="peak learning rate")
+    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay, applied after the Adam step")
+    a("--correct_bias", action=argparse.BooleanOptionalAction, default=False,
+      help="Adam bias correction (default: off, as the reference; the paper's recipe turns it on)")
+    a("--adam_epislon", "--adam_epsilon", dest="adam_epsilon", type=float, default=1e-6, help="Adam epsilon")
+    a("--adam_beta1", type=float, default=0.9, help="Adam beta1")
+    a("--adam_beta2", type=float, default=0.98, help="Adam beta2")
+    a("--scheduler", default="linear", choices=SCHEDULERS, help="learning-rate schedule")
+    a("--warmup_step", type=int, default=0, help="micro-batches of linear warm-up")
+    a("--max_epoch", type=int, default=5, help="epochs to train when --max_step is not given")
+    a("--max_step", type=int, default=None,
+      help="stop after this many micro-batches, >= 1 (default: no step limit, --max_epoch epochs)")
+    a("--clip", type=float, default=0.0, help="gradient-norm clip (0 = off)")
+    a("--label_smooth", type=float, default=0.0, help="label smoothing in [0, 1)")
+    a("--adapter", default="lora", choices=["lora", "ina", "ia3", "full"],
+      help="what to train: a LoRA, InA or (IA)3 adapter, or full = every weight of GPT-2 (full fine-tuning)")
+    a("--lora_dim", type=int, default=4, help="LoRA/InA rank r")
+    a("--lora_alpha", type=float, default=32, help="LoRA/InA alpha (scaling = alpha / r)")
+    a("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA/InA input, in [0, 1)")
+    a("--lora_inhibition", type=float, default=None,
+      help=f"InA inhibition level in (0, 1); only with --adapter ina (default: {INA_DEFAULT_INHIBITION} "
+           "with --adapter ina)")
+    a("--log_interval", type=int, default=100, help="log the training loss every N micro-batches (0 = only at the end)")
+    a("--eval_interval", type=int, default=2000, help="validate every N micro-batches (0 = only at the end)")
+    a("--save_interval", type=int, default=1000, help="checkpoint every N micro-batches (0 = only at the end)")
+    a("--keep_checkpoints", type=int, default=2,
+      help="how many of this run's periodic checkpoints to keep (0 = all)")
+    a("--work_dir", default="trained_models/run", help="this run's directory (one run per directory)")
+    a("--random_seed", type=int, default=110, help="seed of the adapter init, data order and dropout")
+    a("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR",
+      help="continue this work_dir's run from its newest valid checkpoint (or from the given checkpoint "
+           "dir); the flags must match the checkpoint's settings (default: start a new run)")
+    a("--force", action="store_true", help="with --resume: continue although settings differ from the checkpoint's")
+    a("--overwrite", nargs="?", const="move", default=None, choices=("move", "delete"),
+      help="start a new run in a work_dir that holds another run: --overwrite (or --overwrite move) "
+           "moves the old run aside to <work_dir>.replaced-<time>, --overwrite delete removes it "
+           "(default: refuse)")
+    a("--pad_to_multiple_of", type=int, default=8, help="round padded lengths (fewer shapes to compile)")
+    a("--wandb", action="store_true", help="log to Weights & Biases (offline mode without WANDB_API_KEY)")
+    a("--wandb_project", default="jt_lora", help="Weights & Biases project")
+    a("--no_plot", action="store_true", help="skip the loss-curve PNG")
+    a("--dry_run", action="store_true", help="check the flags, print the resolved settings as JSON and exit")
+    a("--stop_after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop like a kill after N steps
+    return p
+
+
+def _need(ok: bool, message: str):
+    if not ok:
+        raise UsageError(message)
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check_input_file(flag: str, path, allow_dir: bool = False):
+    if path is None:
+        return
+    p = Path(path)
+    _need(p.exists(), f"{flag} {path}: no such file")
+    _need(allow_dir or p.is_file(), f"{flag} {path}: not a regular file")
+    _need(os.access(p, os.R_OK), f"{flag} {path}: not readable (check its permissions)")
+
+
+def check_inputs(args) -> None:
+    """The input files exist and are readable (their contents are checked when read)."""
+    _check_input_file("--train_data", args.train_data)
+    _check_input_file("--valid_data", args.valid_data)
+    _check_input_file("--init_checkpoint", args.init_checkpoint, allow_dir=True)
+    if args.resume and args.resume != "latest":
+        _need(Path(args.resume).is_dir(), f"--resume {args.resume}: no such checkpoint directory")
+
+
+def validate_args(args, inputs: bool = True) -> None:
+    """Check every flag before anything is read or written; UsageError naming the flag otherwise.
+
+    Resolves ``--lora_inhibition``'s default for InA (it is None elsewhere, so a value given for
+    another adapter is an error, not silently ignored). ``inputs=False`` leaves out the input-file
+    checks (``--dry_run`` reports those as warnings).
+    """
+    if args.init_checkpoint == "":   # finetune.sh's CKPT="" (and the BoolQ wrappers' CKPT=none) ask for a random init
+        args.init_checkpoint = None
+    _need(_finite(args.lr) and args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    _need(args.grad_acc >= 1, f"--grad_acc must be >= 1, got {args.grad_acc}")
+    for flag in ("log_interval", "eval_interval", "save_interval", "keep_checkpoints", "warmup_step"):
+        value = getattr(args, flag)
+        _need(value >= 0, f"--{flag} must be >= 0 (0 = " + ("all" if flag == "keep_checkpoints" else
+              "none" if flag == "warmup_step" else "only at the end") + f"), got {value}")
+    for flag in ("train_batch_size", "valid_batch_size", "max_epoch", "pad_to_multiple_of"):
+        _need(getattr(args, flag) >= 1, f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    _need(args.max_step is None or args.max_step >= 1,
+          f"--max_step must be >= 1, got {args.max_step} (omit it to train --max_epoch epochs)")
+    _need(args.seq_len >= 2, f"--seq_len must be >= 2, got {args.seq_len}")
+    _need(_finite(args.lora_dropout) and 0 <= args.lora_dropout < 1,
+          f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    _need(_finite(args.label_smooth) and 0 <= args.label_smooth < 1,
+          f"--label_smooth must be in [0, 1), got {args.label_smooth}")
+    _need(_finite(args.clip) and args.clip >= 0, f"--clip must be >= 0 (0 = off), got {args.clip}")
+    _need(_finite(args.weight_decay) and args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        _need(_finite(getattr(args, flag)) and 0 <= getattr(args, flag) < 1,
+              f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    _need(_finite(args.adam_epsilon) and args.adam_epsilon > 0, f"--adam_epsilon must be > 0, got {args.adam_epsilon}")
+    if args.adapter in ("lora", "ina"):
+        _need(args.lora_dim >= 1, f"--lora_dim must be >= 1 with --adapter {args.adapter}, got {args.lora_dim}")
+        _need(_finite(args.lora_alpha) and args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if args.adapter == "ina":
+        if args.lora_inhibition is None:
+            args.lora_inhibition = INA_DEFAULT_INHIBITION
+        _need(_finite(args.lora_inhibition) and 0 < args.lora_inhibition < 1,
+              f"--adapter ina needs --lora_inhibition > 0 (0 is plain LoRA) and < 1, got {args.lora_inhibition}")
+    else:
+        _need(args.lora_inhibition is None,
+              f"--lora_inhibition only applies to --adapter ina, not --adapter {args.adapter}: drop it")
+    for flag in ("n_layer", "n_embd", "n_head", "vocab_size"):
+        value = getattr(args, flag)
+        _need(value is None or value >= 1, f"--{flag} must be >= 1, got {value}")
+        if flag != "n_head" and value is not None:
+            _need(args.init_checkpoint is None,
+                  f"--{flag} only applies to a random init: with --init_checkpoint the checkpoint's shape is used")
+    _need(args.stop_after is None or args.stop_after >= 1, "--stop_after must be >= 1")
+    _need(not (args.force and not args.resume), "--force only applies with --resume")
+    _need(not (args.overwrite and args.resume),
+          "--overwrite starts a new run and --resume continues one: give one of them")
+    if inputs:
+        check_inputs(args)
+    problem = check_output_location(args.work_dir)
+    _need(problem is None, problem or "")
+    if args.init_checkpoint is None and args.n_embd is not None and args.n_head is None:
+        n_head = MODEL_CARDS[args.model_card]["n_head"]
+        _need(args.n_embd % n_head == 0,
+              f"--n_embd {args.n_embd} is not divisible by --model_card {args.model_card}'s {n_head} heads: pass --n_head")
+
+
+def _adapter_fields(args) -> dict:
+    if args.adapter == "full":  # full fine-tuning: the plain model, every weight trained
+        return dict(adapter="none")
+    return dict(adapter=args.adapter, lora_attn_dim=args.lora_dim, lora_attn_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                lora_inhibition=args.lora_inhibition if args.adapter == "ina" else 0.0)
+
+
+def _model_config(args) -> GPT2Config:
+    """The config of a random init: the card, with any shape flags."""
+    arch = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size") if getattr(args, k) is not None}
+    return GPT2Config.from_card(args.model_card, **arch, **_adapter_fields(args))
+
+
+def matching_card(config) -> "str | None":
+    """The model card whose shape the config has (GPT-2's vocabulary and context), or None."""
+    for name, card in MODEL_CARDS.items():
+        if all(getattr(config, k) == v for k, v in card.items()) and config.vocab_size == 50257:
+            return name
+    return None
+
+
+def latest_checkpoint(work_dir):
+    """The newest checkpoint directory in work_dir whose files all read back, or None."""
+    path, _ = newest_valid_checkpoint(work_dir, say=lambda msg: None)
+    return path
+
+
+def _replace_dir(tmp: Path, final: Path):
+    """Move a fully written directory into place; the old one (if any) goes only after."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _due(step: int, interval: int) -> bool:
+    """Whether a periodic action falls on ``step`` (interval 0 = never periodically)."""
+    return interval > 0 and step % interval == 0
+
+
+def _allreduce_sum(x: float) -> float:
+    if not jt.in_mpi:
+        return x
+    return float(jt.array(np.array([x], dtype=np.float64)).mpi_all_reduce("add").item())
+
+
+def masked_loss_sum(model, batch, label_smooth: float = 0.0):
+    """Sum of the masked per-token loss of a batch, with the LM head run only where the mask is set.
+
+    The LM head (``n_embd x 50257``) and the softmax over the vocabulary are the costliest part of a
+    step on short E2E examples; positions without loss (context, padding) skip them entirely.
+    """
+    ids, mask = batch["input"], batch["mask"]
+    b, t = ids.shape
+    hidden, _, _ = model.transformer(jt.array(ids))
+    flat_mask = mask.reshape(-1)
+    where = np.nonzero(flat_mask)[0].astype("int32")
+    h = hidden.reshape(b * t, hidden.shape[-1])[jt.array(where)]  # [N, C]
+    logits = model.logits(h)  # [N, V]
+    targets = jt.array(batch["target"].reshape(-1)[where])
+    per_token = token_losses(logits, targets, label_smooth)
+    return (per_token * jt.array(flat_mask[where])).sum()
+
+
+def loss_and_grads(model, batch, params, label_smooth: float = 0.0, grad_scale: float = 1.0,
+                   world: int = 1, global_count=None):
+    """The reference's loss ``sum(loss·mask)/(sum(mask)+1e-4)`` of one micro-batch and its gradients.
+
+    Under data parallelism each process passes the mask count of the *global* batch and the world
+    size: then the mean over processes of the returned loss (and gradients) is exactly the
+    single-process value for the global batch.
+    """
+    if global_count is None:
+        global_count = float(batch["mask"].sum())
+    if batch["input"].shape[0] == 0 or not batch["mask"].any():  # an empty shard, or nothing to learn
+        return jt.zeros((1,)), [jt.zeros(p.shape) for p in params]
+    loss = masked_loss_sum(model, batch, label_smooth) * (world / (global_count + 0.0001))
+    grads = jt.grad(loss * grad_scale, params)
+    return loss, grads
+
+
+def load_full_model(model, model_dir: Path) -> None:
+    """Full fine-tuning's checkpoint (a HF GPT-2 directory) back into ``model``, every key required."""
+    from ..models.checkpoint import load_into_model, normalize_gpt2_keys, read_state_dict
+    raw, _ = read_state_dict(model_dir)
+    load_into_model(model, normalize_gpt2_keys(raw), strict=True, source=str(model_dir))
+
+
+class Trainer:
+    """The training loop; one instance per process."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world = (jt.rank, jt.world_size) if jt.in_mpi else (0, 1)
+        self.is_main = self.rank == 0
+        self.work_dir = Path(args.work_dir)
+        self.run_id = None
+        np.random.seed(args.random_seed)  # same adapter init on every rank
+        jt.set_seed(args.random_seed)
+        if args.init_checkpoint:
+            shape = {"n_head": args.n_head} if args.n_head is not None else {}
+            self.model = GPT2LMModel.from_pretrained(args.init_checkpoint, **shape, **_adapter_fields(args))
+            self.base_note = f"base weights from {args.init_checkpoint}"
+            self._warn_if_card_differs()
+        else:
+            self.model = GPT2LMModel(_model_config(args))
+            self.base_note = "RANDOM INIT base model (no --init_checkpoint): a pipeline demo, not a real fine-tune"
+        self.config = self.model.config
+        self.full = args.adapter == "full"
+        if self.full:   # full fine-tuning: every weight of GPT-2 trains (the LM head is tied to wte)
+            for p in self.model.parameters():
+                p.start_grad()
+        self.train_set = FTDataset(args.train_data, args.seq_len, vocab_size=self.config.vocab_size)
+        self.train_loader = FTDataLoader(self.train_set, args.train_batch_size, shuffle=True, seed=args.random_seed,
+                                         drop_last=False, rank=self.rank, world_size=self.world,
+                                         pad_to_multiple_of=args.pad_to_multiple_of)
+        self.valid_loader = None
+        if args.valid_data:
+            valid_set = FTDataset(args.valid_data, args.seq_len, vocab_size=self.config.vocab_size)
+            self.valid_loader = FTDataLoader(valid_set, args.valid_batch_size, rank=self.rank, world_size=self.world,
+                                             pad_to_multiple_of=args.pad_to_multiple_of)
+        self.max_step = args.max_step or args.max_epoch * len(self.train_loader)
+        self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if not p.is_stop_grad()]
+        self.optimizer = AdamW(self.named_trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                               eps=args.adam_epsilon, weight_decay=args.weight_decay, correct_bias=args.correct_bias)
+        self.step = 0               # micro-batches done (the reference's train_step)
+        self.history = []           # logged points, for the JSONL log and the plot
+        self.best_valid = None
+        self._acc = None            # gradient accumulation buffers
+        self._wandb = None
+
+    def _warn_if_card_differs(self):
+        """The checkpoint decides the shape; a --model_card that says otherwise is named once."""
+        cfg, card = self.model.config, MODEL_CARDS[self.args.model_card]
+        if any(getattr(cfg, k) != v for k, v in card.items()):
+            shape = ", ".join(f"{k}={getattr(cfg, k)}" for k in _SHAPE_KEYS)
+            self._say(f"warning: --model_card {self.args.model_card} does not match {self.args.init_checkpoint} "
+                      f"({shape}); training the checkpoint's shape, recorded in train_config.json")
+
+    # -- one micro-batch ------------------------------------------------------------------
+    def _loss_and_grads(self, batch):
+        global_count = _allreduce_sum(float(batch["mask"].sum()))
+        loss, grads = loss_and_grads(self.model, batch, [p for _, p in self.named_trainable],
+                                     label_smooth=self.args.label_smooth, grad_scale=1.0 / self.args.grad_acc,
+                                     world=self.world, global_count=global_count)
+        if jt.in_mpi:
+            loss = loss.mpi_all_reduce("mean")
+            grads = [g.mpi_all_reduce("mean") for g in grads]
+        return loss, grads
+
+    def train_step(self, batch) -> float:
+        self.model.train()
+        jt.set_seed(self.args.random_seed * 1000003 + self.step * 7919 + self.rank)  # dropout: f(seed, step, rank)
+        loss, grads = self._loss_and_grads(batch)
+        self._acc = grads if self._acc is None else [a + g for a, g in zip(self._acc, grads)]
+        lr = self.args.lr * lr_lambda(self.args.scheduler, self.step, self.args.warmup_step, self.max_step)
+        self.step += 1
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"loss is {value} at step {self.step}; stopping. The last good checkpoint in {self.work_dir} "
+                "is intact: lower --lr, set --clip, or check the data, then --resume")
+        if self.step % self.args.grad_acc == 0:
+            acc = self._acc
+            if self.args.clip > 0:
+                acc, _ = clip_grad_norm(acc, self.args.clip)
+            self.optimizer.step(acc, lr=lr)
+            self._acc = None
+            jt.sync([p for _, p in self.named_trainable])
+        return value, lr
+
+    def evaluate(self) -> float:
+        """Mean over validation batches of the masked mean loss (the reference's AverageMeter)."""
+        self.model.eval()
+        losses = []
+        self.valid_loader.set_epoch(0)
+        for batch in self.valid_loader:
+            count = _allreduce_sum(float(batch["mask"].sum()))
+            if batch["input"].shape[0] == 0 or not batch["mask"].any():
+                local = 0.0
+            else:
+                local = float(masked_loss_sum(self.model, batch, self.args.label_smooth).item())
+            losses.append(_allreduce_sum(local) / (count + 0.0001))
+        self.model.train()
+        return float(np.mean(losses))
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _check_finite_weights(self):
+        """Never write a checkpoint whose weights blew up (the loss may still have been finite)."""
+        bad = [n for n, p in self.named_trainable if not np.isfinite(p.numpy()).all()]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite adapter weights after step {self.step} ({bad[:3]}); stopping without saving. "
+                f"The last good checkpoint in {self.work_dir} is intact: lower --lr or set --clip, then --resume")
+
+    def _writing(self, path):
+        return output_errors(path, intact=f"checkpoints already written in {self.work_dir} are intact")
+
+    def save_checkpoint(self):
+        """Write checkpoint-<step> under a temporary name and rename it whole; then prune this run's
+        older ones. A failed write removes the partial temporary directory and keeps the rest."""
+        if not self.is_main:
+            return
+        self._check_finite_weights()
+        final = self.work_dir / f"checkpoint-{self.step}"
+        tmp = self.work_dir / f".tmp-checkpoint-{self.step}"
+        state = {"step": self.step, "max_step": self.max_step, "loader": self.train_loader.state_dict(),
+                 "best_valid": self.best_valid, "history": self.history, "world_size": self.world,
+                 "run_id": self.run_id, "config": fingerprint(self.args, self.world)}
+        try:
+            with self._writing(final):
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                self._save_weights(tmp / FULL_MODEL_DIR if self.full else tmp)
+                save_safetensors(tmp / OPTIM_FILE, self.optimizer.state_dict())
+                atomic_write_text(tmp / STATE_FILE, json.dumps(state))
+                _replace_dir(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        prune_checkpoints(self.work_dir, self.run_id, self.args.keep_checkpoints, self.step)
+
+    def _save_weights(self, out_dir: Path):
+        """What the run trains, into ``out_dir``: the adapter tensors, or (full fine-tuning) the whole
+        model as a HF GPT-2 directory, which every reader of base checkpoints loads."""
+        if self.full:
+            self.model.save_pretrained(out_dir)
+        else:
+            save_adapter(self.model, out_dir, extra={"step": self.step, "run_id": self.run_id})
+
+    def load_checkpoint(self, ckpt_dir, state=None):
+        """Restore adapter, optimiser, data position and log history from a checkpoint."""
+        from safetensors.numpy import load_file
+        ckpt_dir = Path(ckpt_dir)
+        state = validate_checkpoint(ckpt_dir) if state is None else state
+        if self.full:
+            load_full_model(self.model, ckpt_dir / FULL_MODEL_DIR)
+        else:
+            load_adapter(self.model, ckpt_dir)
+        self.optimizer.load_state_dict(load_file(str(ckpt_dir / OPTIM_FILE)))
+        self.train_loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.best_valid = state.get("best_valid")
+        self.history = [r for r in state.get("history", []) if r.get("step", 0) <= self.step]
+        return state
+
+    # -- the work_dir ---------------------------------------------------------------------
+    def prepare_work_dir(self):
+        """Decide, before writing anything, whether this run may use work_dir; then claim it.
+
+        A new run needs a work_dir without another run's outputs (``--overwrite`` moves them aside
+        or deletes them). ``--resume`` takes the newest checkpoint that reads back whole, and
+        refuses one whose recorded settings differ from the flags (``--force`` accepts).
+        """
+        args, wd = self.args, self.work_dir
+        current = fingerprint(args, self.world)
+        run = read_run(wd)
+        ckpt = None
+        if args.resume:
+            ckpt, state = self._pick_checkpoint()
+            self.run_id = state.get("run_id") or (run or {}).get("run_id") or new_run_id()
+            if run and run.get("run_id") and run["run_id"] != self.run_id:
+                raise RunConflict(f"--resume {ckpt}: that checkpoint belongs to run {self.run_id}, but "
+                                  f"{wd} holds run {run['run_id']}: resume in the checkpoint's own --work_dir")
+            self._check_settings(ckpt, state, current)
+        else:
+            outputs = run_outputs(wd)
+            if outputs and not args.overwrite:
+                other = (run or {}).get("run_id", "from an older jt_lora")
+                raise RunConflict(
+                    f"--work_dir {wd} holds another run ({other}: {', '.join(outputs[:4])}"
+                    f"{', ...' if len(outputs) > 4 else ''}); nothing was changed. Continue it with --resume, "
+                    "move it aside with --overwrite (--overwrite delete removes it), or choose another --work_dir")
+            self.run_id = new_run_id()
+        _allreduce_sum(0.0)  # every rank has decided before rank 0 changes anything
+        if self.is_main:
+            with self._writing(wd):
+                if not args.resume and run_outputs(wd):
+                    self._say(set_aside(wd, args.overwrite))
+                wd.mkdir(parents=True, exist_ok=True)
+                if args.resume:
+                    dropped = truncate_log(wd / "log.jsonl", int(state["step"]))
+                    if dropped:
+                        self._say(f"log.jsonl: dropped {dropped} entries past step {state['step']} (re-run now)")
+                atomic_write_text(wd / RUN_FILE, json.dumps(
+                    {"run_id": self.run_id, "config": current, "work_dir": str(wd.resolve())}, indent=2))
+        if ckpt is not None:
+            self.load_checkpoint(ckpt, state)
+            self._say(f"resumed from {ckpt} at step {self.step}")
+
+    def _pick_checkpoint(self):
+        if self.args.resume != "latest":
+            return Path(self.args.resume), validate_checkpoint(self.args.resume)
+        ckpt, state = newest_valid_checkpoint(self.work_dir, self._say)
+        if ckpt is None:
+            why = "no complete checkpoint" if list_checkpoints(self.work_dir) else "no checkpoint"
+            raise FileNotFoundError(f"--resume: {why} in {self.work_dir}; start a new run (with --overwrite if "
+                                    "the directory holds outputs)")
+        return ckpt, state
+
+    def _check_settings(self, ckpt, state, current):
+        recorded = state.get("config") or self._legacy_settings()
+        if recorded is None:
+            if not self.args.force:
+                raise RunConflict(f"--resume {ckpt}: records no settings to check the flags against (an older "
+                                  "jt_lora wrote it): pass --resume --force to continue it anyway")
+            self._say(f"warning: --force: {ckpt} records no settings; continuing with the flags as given")
+            return
+        diffs = config_differences(recorded, current)
+        if diffs and not self.args.force:
+            raise RunConflict(f"--resume {ckpt}: the flags differ from the run's settings ({'; '.join(diffs)}): "
+                              "pass the run's values, or --resume --force to continue with the new ones")
+        if diffs:
+            self._say(f"warning: --force: continuing {ckpt} with different settings: {'; '.join(diffs)}")
+
+    def _legacy_settings(self):
+        """The settings of a run written before checkpoints recorded them, from its train_config.json."""
+        try:
+            old = json.loads((self.work_dir / "train_config.json").read_text())
+            return fingerprint(argparse.Namespace(**old["args"]), int(old.get("world_size", 1)))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    # -- outputs --------------------------------------------------------------------------
+    def _log(self, record):
+        self.history.append(record)
+        if not self.is_main:
+            return
+        path = self.work_dir / "log.jsonl"
+        with self._writing(path), open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(record, step=record["step"])
+
+    def _plot(self):
+        if not self.is_main or self.args.no_plot:
+            return
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no loss-curve PNG (pip install matplotlib)", file=sys.stderr)
+            return
+        train = [(r["step"], r["loss"]) for r in self.history if r.get("kind") == "train"]
+        valid = [(r["step"], r["valid_loss"]) for r in self.history if r.get("kind") == "valid"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss (interval mean)")
+        if valid:
+            ax.plot(*zip(*valid), "o-", label="validation loss")
+        ax.set_xlabel("step (micro-batches)")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{self.args.adapter} fine-tuning ({self.args.model_card})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        tmp = self.work_dir / ".loss_curve.tmp.png"
+        with self._writing(self.work_dir / "loss_curve.png"):
+            try:
+                fig.savefig(tmp, dpi=110, bbox_inches="tight")
+                os.replace(tmp, self.work_dir / "loss_curve.png")
+            finally:
+                plt.close(fig)
+                if tmp.exists():
+                    tmp.unlink()
+
+    def _write_config(self):
+        if not self.is_main:
+            return
+        args = dict(vars(self.args))
+        card = matching_card(self.config)
+        if card != args["model_card"]:  # the shape trained is the checkpoint's (or the shape flags')
+            args["model_card_given"], args["model_card"] = args["model_card"], card
+        resolved = {"args": args, "model_config": self.config.to_dict(),
+                    "model_shape": {k: getattr(self.config, k) for k in _SHAPE_KEYS}, "run_id": self.run_id,
+                    "world_size": self.world, "max_step": self.max_step, "base": self.base_note,
+                    "train_examples": len(self.train_set), "train_truncated": self.train_set.num_truncated,
+                    "jittor": jt.__version__}
+        path = self.work_dir / "train_config.json"
+        with self._writing(path):
+            atomic_write_text(path, json.dumps(resolved, indent=2, default=str))
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> dict:
+        args = self.args
+        if self.run_id is None:
+            self.prepare_work_dir()
+        self._write_config()
+        if self.is_main and not args.init_checkpoint:
+            with self._writing(self.work_dir / "base"):
+                self.model.save_pretrained(self.work_dir / "base")  # inference needs this random base
+        self._say(self.base_note)
+        self._say(self.train_set.summary())
+        trainable = sum(int(p.numel()) for _, p in self.named_trainable)
+        self._say(f"{self.config.adapter}: {trainable:,} trainable parameters; {self.max_step} steps; "
+                  f"world size {self.world}")
+        if args.wandb and self.is_main:
+            self._init_wandb()
+        from tqdm import tqdm
+        bar = tqdm(total=self.max_step, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
+                   desc="train")
+        try:
+            window_loss, window_tokens, window_start = [], 0, time.time()
+            valid_loss = None
+            while self.step < self.max_step:
+                for batch in self.train_loader:
+                    loss, lr = self.train_step(batch)
+                    window_loss.append(loss)
+                    window_tokens += int(_allreduce_sum(float(batch["length"].sum())))
+                    bar.update(1)
+                    if _due(self.step, args.log_interval) or self.step == self.max_step:
+                        elapsed = time.time() - window_start
+                        mean = float(np.mean(window_loss))
+                        rec = {"kind": "train", "step": self.step, "epoch": self.train_loader.epoch, "loss": mean,
+                               "ppl": math.exp(min(mean, 50)), "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                        self._log(rec)
+                        bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{rec['ppl']:.2f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{rec['tokens_per_s']:.0f}")
+                        window_loss, window_tokens, window_start = [], 0, time.time()
+                    if self.valid_loader is not None and (_due(self.step, args.eval_interval) or self.step == self.max_step):
+                        valid_loss = self.evaluate()
+                        self.best_valid = valid_loss if self.best_valid is None else min(self.best_valid, valid_loss)
+                        self._log({"kind": "valid", "step": self.step, "valid_loss": valid_loss,
+                                   "valid_ppl": math.exp(min(valid_loss, 50))})
+                        self._say(f"step {self.step}: valid loss {valid_loss:.4f} ppl {math.exp(min(valid_loss, 50)):.3f}")
+                    if self.step % args.grad_acc == 0 and (_due(self.step, args.save_interval) or self.step == self.max_step):
+                        self.save_checkpoint()
+                    if self.step >= self.max_step:
+                        break
+                    if args.stop_after is not None and self.step >= args.stop_after:
+                        self._say(f"stopping after {self.step} steps (--stop_after), as a kill would")
+                        return {"step": self.step, "stopped": True}
+        finally:
+            bar.close()  # an error message then starts on a line of its own
+        if self.is_main:
+            self._check_finite_weights()
+            final = self.work_dir / (FULL_MODEL_DIR if self.full else "adapter")
+            tmp = self.work_dir / f".tmp-{final.name}"
+            try:
+                with self._writing(final):
+                    if tmp.exists():
+                        shutil.rmtree(tmp)
+                    self._save_weights(tmp)
+                    _replace_dir(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._plot()
+        train_points = [r["loss"] for r in self.history if r.get("kind") == "train"]
+        summary = {"step": self.step, "final_train_loss": train_points[-1] if train_points else None,
+                   "valid_loss": valid_loss, "best_valid_loss": self.best_valid,
+                   ("model_dir" if self.full else "adapter_dir"):
+                       str(self.work_dir / (FULL_MODEL_DIR if self.full else "adapter"))}
+        self._say(json.dumps(summary))
+        if self._wandb is not None:
+            self._wandb.finish()
+        return summary
+
+    def _init_wandb(self):
+        try:
+            import wandb
+        except ImportError as e:
+            raise SystemExit("--wandb needs the wandb package: pip install 'jt_lora[wandb]'") from e
+        mode = None if os.environ.get("WANDB_API_KEY") else "offline"
+        self._wandb = wandb.init(project=self.args.wandb_project, dir=str(self.work_dir), mode=mode,
+                                 config={**vars(self.args), **self.config.to_dict()})
+
+    def _say(self, msg):
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args, inputs=not args.dry_run)
+        if args.dry_run:
+            try:
+                check_inputs(args)
+            except UsageError as e:
+                print(f"warning: {e}", file=sys.stderr)
+            print(json.dumps({"args": vars(args), "model_config": _model_config(args).to_dict()}, default=str))
+            return 0
+        trainer = Trainer(args)
+        trainer.prepare_work_dir()
+        trainer.run()
+    except FloatingPointError as e:
+        return _fail(e, 3)
+    except OutputError as e:
+        return _fail(e, 1)
+    except (ValueError, FileNotFoundError) as e:  # UsageError, RunConflict, CheckpointError, data errors
+        return _fail(e, 2)
+    except OSError as e:  # reading an input failed after the checks (e.g. it vanished)
+        return _fail(f"{e.filename or ''}: {e.strerror or e}", 2)
+    return 0
+
+
+def _fail(error, code: int) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
