@@ -374,7 +374,7 @@ class Study:
         if any(work.glob("checkpoint-*")):
             argv.append("--resume")
         elif work.exists():
-            argv.append("--overwrite")   # a run killed before its first checkpoint: nothing to keep
+            argv += ["--overwrite", "delete"]   # a run killed before its first checkpoint: nothing to keep
         self.run(name, argv)
         final = work / ("model" if v.adapter == "full" else "adapter")
         if not final.is_dir():

@@ -98,11 +98,13 @@ def attention_grid_size(n_layers: int, n_models: int):
             _MARGIN_INCHES[1] + n_layers * GRID_CELL_INCHES)
 
 
-def attention_grid_figure(maps: Sequence[np.ndarray], labels: Sequence[str], title: str, gamma: float = 0.5):
+def attention_grid_figure(maps: Sequence[np.ndarray], labels: Sequence[str], title: str, gamma: float = 0.5,
+                          layer_ids: Optional[Sequence[int]] = None):
     """Rows = layers, columns = models: ``maps[m]`` is model m's [L, T, T] average.
 
     A layer's panels share one colour scale (its row's colour bar), so a column-to-column difference
-    is a difference in attention, not in scaling.
+    is a difference in attention, not in scaling. ``layer_ids`` names the rows when ``maps`` hold a
+    selection of layers (default 0..L-1).
     """
     n_models, n_layers = len(maps), maps[0].shape[0]
     if len(labels) != n_models or any(m.shape[0] != n_layers for m in maps):
@@ -114,7 +116,8 @@ def attention_grid_figure(maps: Sequence[np.ndarray], labels: Sequence[str], tit
         for col, (m, label) in enumerate(zip(maps, labels)):
             im = _attention_axes(axes[layer, col], m[layer], norm, label if layer == 0 else None,
                                  "key" if layer == n_layers - 1 else None,
-                                 f"layer {layer}\nquery" if col == 0 else None)
+                                 f"layer {layer if layer_ids is None else layer_ids[layer]}\nquery"
+                                 if col == 0 else None)
         bar = fig.colorbar(im, ax=axes[layer, :], shrink=0.9, pad=0.02, extend="max")
         bar.set_label("attention", fontsize=7)
         bar.ax.tick_params(labelsize=7)
