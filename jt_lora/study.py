@@ -62,6 +62,11 @@ class Variant:
     inhibition: float = 0.0
 
     @property
+    def spec(self) -> str:
+        """The ``--variants`` item this variant was parsed from (normalised)."""
+        return f"ina:{self.inhibition:g}" if self.adapter == "ina" else self.adapter
+
+    @property
     def label(self) -> str:
         if self.adapter == "full":
             return "full FT"
@@ -296,7 +301,7 @@ def _validate(args) -> dict:
         "eval_data": str(Path(args.eval_data).resolve()), "eval_examples": args.eval_examples,
         "seq_len": args.seq_len, "test_data": str(Path(args.test_data).resolve()),
         "test_formatted": str(Path(test_formatted).resolve()) if test_formatted else None,
-        "variants": [v.name for v in variants], "train_args": args.train_args, "variant_args": variant_args,
+        "variants": [v.spec for v in variants], "train_args": args.train_args, "variant_args": variant_args,
         "generate_args": args.generate_args, "layers": args.layers, "gamma": args.gamma,
         "base_column": not args.no_base_column,
     }

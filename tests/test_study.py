@@ -1,6 +1,7 @@
 """The InA study command: its measures against their definitions, flag checks, and (marked
 ``study``) a tiny end-to-end run with all five variants that is killed and resumed."""
 import json
+import re
 import math
 import os
 import signal
@@ -107,3 +108,86 @@ def test_bad_flags_stop_before_writing(tmp_path):
     r = _cli("--config", str(cfg))
     assert r.returncode == 2 and f"{cfg}:2:8" in r.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _prepare(tmp_path):
+    """E2E data as the demo makes it (train = first 300 valid examples), small eval/test files, and a
+    tiny random GPT-2 base (the demo's shape)."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "NLG" / "prepare_e2e.py"), "--out_dir", str(data),
+                    "--train_from_valid", "300"], check=True, capture_output=True, cwd=ROOT)
+    for src, dst, n in (("valid", "eval", 40), ("test", "test_small", 24), ("test_formatted", "test_small_formatted", 24)):
+        lines = (data / f"{src}.jsonl").read_text().splitlines(keepends=True)[:n]
+        (data / f"{dst}.jsonl").write_text("".join(lines))
+    subprocess.run([sys.executable, "-c", (
+        "import numpy as np, sys\n"
+        "from jt_lora import GPT2Config, GPT2LMModel\n"
+        "np.random.seed(0)\n"
+        "GPT2LMModel(GPT2Config(n_embd=128, n_layer=2, n_head=4, adapter='none')).save_pretrained(sys.argv[1])\n"),
+        str(tmp_path / "base")], check=True, capture_output=True, cwd=ROOT)
+    return data
+
+
+def _study_argv(tmp_path, data):
+    return [sys.executable, "-m", "jt_lora.study", "--base", str(tmp_path / "base"),
+            "--train_data", str(data / "train.jsonl"), "--eval_data", str(data / "eval.jsonl"),
+            "--eval_examples", "24", "--test_data", str(data / "test_small.jsonl"), "--seq_len", "128",
+            "--train_args", "--max_step 30 --train_batch_size 8 --lr 0.01 --warmup_step 5 --label_smooth 0.1 "
+                            "--save_interval 5 --log_interval 10 --no_plot",
+            "--variant_args", '{"full": "--lr 0.001"}',
+            "--generate_args", "--beam 2 --eval_len 12 --batch_size 8 --unique_contexts "
+                               "--eos_token_id 628 --eos_token_id 50256",
+            "--out", str(tmp_path / "out"), "--no_progress"]
+
+
+@pytest.mark.study
+def test_tiny_study_end_to_end_survives_kill_9(tmp_path):
+    """All five variants of the InA study on the demo's tiny random GPT-2, killed with SIGKILL while
+    the third variant trains, then resumed by running the same command again."""
+    data = _prepare(tmp_path)
+    argv = _study_argv(tmp_path, data)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while not list((out / "variants" / "ina0.1" / "train").glob("checkpoint-*")):
+            assert proc.poll() is None, "the study ended before it could be killed"
+            assert time.time() < deadline, "no InA 10% checkpoint within 10 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = {p.name: json.loads(p.read_text())["finished"] for p in (out / "state").glob("*.json")}
+    assert {"full.train.json", "full.score.json", "lora.train.json", "lora.score.json"} <= set(done_before)
+    assert "ina0.1.train.json" not in done_before
+
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, finished in done_before.items():   # finished stages are not redone
+        assert json.loads((out / "state" / name).read_text())["finished"] == finished, name
+    assert "--resume" in (out / "logs" / "ina0.1.train.log").read_text()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == {}
+    assert summary["models"] == ["base", "full FT", "LoRA", "InA 10%", "InA 30%", "InA 90%"]
+    assert summary["layers"] == [0, 1]
+    for name, rec in summary["variants"].items():
+        assert set(rec["scores"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}, name
+    m = summary["measures"]
+    assert m["base"]["js_from_base"] == [0.0, 0.0]
+    assert "js_from_full" not in m["full FT"]
+    for lab in ("LoRA", "InA 10%", "InA 30%", "InA 90%"):
+        js = np.array(m[lab]["js_from_base"] + m[lab]["js_from_full"])
+        assert np.all((js > 0) & (js < math.log(2))), (lab, js)
+        assert len(m[lab]["importance_rank_corr_base"]) == 2
+    # full fine-tuning moves every weight, so its attention moves furthest from the base's
+    assert max(m["full FT"]["js_from_base"]) > max(m["LoRA"]["js_from_base"])
+    assert (out / "attention_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "study.md").read_text()
+    assert "| 1 | ![base layer 1](" in md and "InA 90%" in md and "## Task scores" in md
+    for link in re.findall(r"\]\(([^)]+\.png)\)", md):
+        assert (out / link).is_file(), link
