@@ -414,15 +414,15 @@ def test_read_only_output(files, tmp_path, capsys, monkeypatch):
     import errno
     import os
 
-    from jt_lora.models import saving
+    from jt_lora.io import atomic
 
     ro = tmp_path / "ro"
     ro.mkdir()
     if os.geteuid() == 0:
-        def read_only(path, write):
+        def read_only(path, mode="wb"):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-        monkeypatch.setattr(saving, "_atomic", read_only)
+        monkeypatch.setattr(atomic, "atomic_open", read_only)
         out = ro
     else:
         ro.chmod(0o500)
@@ -440,16 +440,16 @@ def test_disk_full_keeps_the_finished_files(files, tmp_path, capsys, monkeypatch
     before stays complete."""
     import errno
 
-    from jt_lora.models import saving
+    from jt_lora.io import atomic
 
-    real = saving.atomic_write_text
+    real = atomic.atomic_write_text
 
     def full(path, text):
         if str(path).endswith("attention.json"):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, text)
 
-    monkeypatch.setattr(saving, "atomic_write_text", full)
+    monkeypatch.setattr(atomic, "atomic_write_text", full)
     out = tmp_path / "out"
     assert _run(*_attention_args(files, out)) == 1
     line = _one_error_line(capsys)

@@ -122,7 +122,7 @@ def test_prepare_e2e_io_fault_is_one_line(tmp_path, monkeypatch, capsys, code, h
     prep = _script(ROOT / "examples/NLG/prepare_e2e.py")
     src = tmp_path / "valid.txt"
     src.write_text(E2E_TXT)
-    monkeypatch.setattr(e2e_data, "_atomic_write_text", _fail(code))
+    monkeypatch.setattr(e2e_data, "atomic_write_text", _fail(code))
     assert prep.main(["--input", str(src), "--output", str(tmp_path / "out" / "valid.jsonl")]) == 1
     _one_error_line(capsys.readouterr().err, "valid", hint)
 
@@ -150,7 +150,7 @@ def test_prepare_boolq_io_fault_and_non_utf8(tmp_path, monkeypatch, capsys):
                       "--valid_size", "2"]) == 1
     _one_error_line(capsys.readouterr().err, f"{dev}:2:18: not valid UTF-8")
     dev.write_text(json.dumps(rec) + "\n")
-    monkeypatch.setattr(boolq, "_atomic_write_text", _fail(errno.ENOSPC))
+    monkeypatch.setattr(boolq, "atomic_write_text", _fail(errno.ENOSPC))
     monkeypatch.setattr(boolq, "write_jsonl", _fail(errno.ENOSPC))
     assert prep.main(["--train", str(train), "--dev", str(dev), "--out_dir", str(tmp_path / "o"),
                       "--valid_size", "2"]) == 1
@@ -173,7 +173,7 @@ def test_decode_enospc_keeps_previous_outputs(tmp_path, monkeypatch, capsys):
         "decode": staticmethod(lambda ids: "".join(map(chr, ids)))})())
     assert D.main(args) == 0
     before = (tmp_path / "p.txt").read_bytes()
-    monkeypatch.setattr(D, "_write_atomic", _fail(errno.ENOSPC))
+    monkeypatch.setattr(D, "atomic_write_text", _fail(errno.ENOSPC))
     assert D.main(args) == 2
     _one_error_line(capsys.readouterr().err, "r.txt: No space left on device")
     assert (tmp_path / "p.txt").read_bytes() == before

@@ -437,7 +437,7 @@ def test_enospc_while_appending_keeps_finished_batches(saved, monkeypatch, capsy
 
 
 def test_read_only_and_file_parent_outputs_fail_before_work(saved, monkeypatch, capsys, tmp_path):
-    import jt_lora.models.saving as S
+    import jt_lora.io.atomic as S
     root, _ = saved
     (tmp_path / "plain").write_text("x")
     assert main(["--data", str(root / "test.jsonl"), "--base_checkpoint", str(root / "base"),

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from test_train import _synthetic
 
 train_mod = pytest.importorskip("jt_lora.train")
+from jt_lora.io import atomic  # noqa: E402
 from jt_lora.models import saving  # noqa: E402
 from jt_lora.training import workdir  # noqa: E402
 
@@ -223,14 +224,14 @@ def test_resume_with_every_checkpoint_broken_is_one_error(data, tmp_path, capsys
 # -- I/O faults ---------------------------------------------------------------------------------
 
 def failing_writer(monkeypatch, err_no, when):
-    """Make saving's atomic writer fail with ``err_no`` for paths matching ``when``."""
-    real = saving._atomic
+    """Make the atomic writer fail with ``err_no`` for paths matching ``when``."""
+    real = atomic.atomic_open
 
-    def fake(path, write):
+    def fake(path, mode="wb", **kw):
         if when(str(path)):
             raise OSError(err_no, os.strerror(err_no))
-        return real(path, write)
-    monkeypatch.setattr(saving, "_atomic", fake)
+        return real(path, mode, **kw)
+    monkeypatch.setattr(atomic, "atomic_open", fake)
 
 
 def test_disk_full_at_a_checkpoint_keeps_what_was_finished(data, tmp_path, capsys, monkeypatch):

@@ -209,7 +209,7 @@ _WRITTEN: List[Path] = []
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from ..models.saving import atomic_write_bytes
+    from ..io.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
     np.save(buf, array)
@@ -217,7 +217,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _save_json(path: Path, obj) -> None:
-    from ..models.saving import atomic_write_text
+    from ..io.atomic import atomic_write_text
 
     _writing(path, lambda: atomic_write_text(path, json.dumps(obj, indent=1) + "\n"))
 

@@ -43,7 +43,7 @@ def _attention_vmax(maps) -> float:
 
 def save_figure(fig, path, dpi: int = 100) -> None:
     """Render ``fig`` as PNG and write it to ``path`` atomically."""
-    from ..models.saving import atomic_write_bytes
+    from ..io.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

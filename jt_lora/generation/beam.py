@@ -567,7 +567,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from ..training.data import FTDataset
-    from ..models.saving import atomic_write_text
+    from ..io.atomic import atomic_write_text, replace_file
 
     validate_args(args)
     out_path = Path(args.work_dir) / args.output_file
@@ -660,8 +660,7 @@ def _run(args) -> int:
         bar.close()
         if args.overwrite:
             atomic_write_text(config_path, json.dumps(resolved, indent=2))
-            os.replace(write_path, out_path)
-            _fsync_dir(out_path.parent)
+            replace_file(write_path, out_path)
     except BaseException:
         bar.close()
         if args.overwrite and write_path.exists():
@@ -674,20 +673,6 @@ def _run(args) -> int:
     print(f"wrote {out_path} ({len(done)} ids)" + (f" and {text_path}" if tokenizer is not None else ""),
           file=sys.stderr)
     return 0
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (best effort: some file systems refuse directory fsync)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":

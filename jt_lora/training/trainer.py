@@ -25,7 +25,8 @@ from ..backend import jt
 from .data import FTDataLoader, FTDataset
 from ..models.gpt2 import MODEL_CARDS, GPT2Config, GPT2LMModel, token_losses
 from .optim import SCHEDULERS, AdamW, clip_grad_norm, lr_lambda
-from ..models.saving import atomic_write_text, load_adapter, save_adapter, save_safetensors
+from ..io.atomic import atomic_open, atomic_write_text, replace_dir
+from ..models.saving import load_adapter, save_adapter, save_safetensors
 from .workdir import (FULL_MODEL_DIR, OPTIM_FILE, RUN_FILE, STATE_FILE, OutputError, RunConflict, check_output_location,
                       config_differences, fingerprint, list_checkpoints, new_run_id, newest_valid_checkpoint,
                       output_errors, prune_checkpoints, read_run, run_outputs, set_aside, truncate_log,
@@ -237,18 +238,6 @@ def latest_checkpoint(work_dir):
     return path
 
 
-def _replace_dir(tmp: Path, final: Path):
-    """Move a fully written directory into place; the old one (if any) goes only after."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _due(step: int, interval: int) -> bool:
     """Whether a periodic action falls on ``step`` (interval 0 = never periodically)."""
     return interval > 0 and step % interval == 0
@@ -430,7 +419,7 @@ class Trainer:
                 self._save_weights(tmp / FULL_MODEL_DIR if self.full else tmp)
                 save_safetensors(tmp / OPTIM_FILE, self.optimizer.state_dict())
                 atomic_write_text(tmp / STATE_FILE, json.dumps(state))
-                _replace_dir(tmp, final)
+                replace_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         prune_checkpoints(self.work_dir, self.run_id, self.args.keep_checkpoints, self.step)
@@ -569,15 +558,12 @@ class Trainer:
         ax.set_title(f"{self.args.adapter} fine-tuning ({self.args.model_card})")
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = self.work_dir / ".loss_curve.tmp.png"
         with self._writing(self.work_dir / "loss_curve.png"):
             try:
-                fig.savefig(tmp, dpi=110, bbox_inches="tight")
-                os.replace(tmp, self.work_dir / "loss_curve.png")
+                with atomic_open(self.work_dir / "loss_curve.png", "wb") as f:
+                    fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
             finally:
                 plt.close(fig)
-                if tmp.exists():
-                    tmp.unlink()
 
     def _write_config(self):
         if not self.is_main:
@@ -656,7 +642,7 @@ class Trainer:
                     if tmp.exists():
                         shutil.rmtree(tmp)
                     self._save_weights(tmp)
-                    _replace_dir(tmp, final)
+                    replace_dir(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._plot()

@@ -6,8 +6,8 @@ an old one (pruning the old run's checkpoints or the new one's, deleting its log
 ``--resume`` continue the wrong run). Nothing here imports Jittor: these are file decisions, tested
 on their own.
 
-What is atomic: each file is written to a temp file, fsynced and renamed (``saving``); a checkpoint
-directory is written under a temporary name and renamed whole. What is not: ``log.jsonl`` is
+What is atomic: each file is written to a temp file, fsynced and renamed (:mod:`jt_lora.io.atomic`); a
+checkpoint directory is written under a temporary name and renamed whole. What is not: ``log.jsonl`` is
 appended line by line, so a resume rewrites it (atomically) up to the checkpoint's step.
 """
 import contextlib
@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
+
+from ..io.atomic import atomic_write_text, move_aside
 
 __all__ = ["RUN_FILE", "STATE_FILE", "OPTIM_FILE", "RESULT_FLAGS", "OutputError", "RunConflict",
            "new_run_id", "fingerprint", "config_differences", "read_run", "run_outputs", "set_aside",
@@ -129,7 +131,7 @@ def set_aside(work_dir, mode: str) -> str:
     while target.exists():
         n += 1
         target = target.with_name(f"{d.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-    os.rename(d, target)
+    move_aside(d, target)
     return f"--overwrite: moved the previous run in {d} to {target}"
 
 
@@ -222,7 +224,6 @@ def prune_checkpoints(work_dir, run_id: str, keep: int, current_step: int) -> Li
 def truncate_log(log_path, step: int) -> int:
     """Rewrite log.jsonl (atomically) without entries past ``step`` or broken lines; returns how many
     were dropped. A resumed run re-logs those steps, so keeping them would repeat them."""
-    from ..models.saving import atomic_write_text
     path = Path(log_path)
     if not path.exists():
         return 0

@@ -21,7 +21,7 @@ side (BoolQ asks several questions about some passages), so valid never shares a
 train.
 
 Outputs are written atomically with a ``.meta.json`` beside each, and re-used while it records the
-same source, vocab and settings (the conventions and helpers of :mod:`jt_lora.tasks.e2e.data`).
+same source, vocab and settings (the conventions and helpers of :mod:`jt_lora.tasks.prepared`).
 """
 
 from __future__ import annotations
@@ -37,20 +37,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from jt_lora.io.assets import try_find_asset
 from jt_lora.io.textio import iter_text_lines
-from jt_lora.tasks.e2e.data import (
-    BOS_ID,
-    EOS_ID,
-    _atomic_write_text,
-    _BadLines,
-    _fingerprint,
-    _write_json,
-    encoded_jsonl_lines,
-    gc_paused,
-    load_cached_result,
-    meta_path,
-    vocab_fingerprint,
-    write_jsonl,
-)
+from jt_lora.io.atomic import atomic_write_text
+from jt_lora.tasks.prepared import (BOS_ID, EOS_ID, BadLines, encoded_jsonl_lines, fingerprint, gc_paused,
+                                    load_cached_result, meta_path, vocab_fingerprint, write_json, write_jsonl)
 
 FORMAT_VERSION = 1
 DEFAULT_TEMPLATE = "{title}: {passage}\nQuestion: {question}?\nAnswer:"
@@ -84,7 +73,7 @@ class ReadResult:
 # ----------------------------------------------------------------------------- reading
 
 
-def _check_record(record, bad: _BadLines, line: int) -> Optional[Example]:
+def _check_record(record, bad: BadLines, line: int) -> Optional[Example]:
     """An Example from one decoded JSON line, or None after reporting why it is bad."""
     if not isinstance(record, dict):
         bad(line, f"expected a JSON object, got {type(record).__name__}")
@@ -128,7 +117,7 @@ def read_boolq(path, *, skip_bad_lines: bool = False, limit: Optional[int] = Non
             file without examples.
     """
     path = Path(path)
-    bad, examples = _BadLines(path, skip_bad_lines), []
+    bad, examples = BadLines(path, skip_bad_lines), []
     for line_no, line in iter_text_lines(path):   # non-UTF-8 bytes: an error naming file:line:column
         if limit is not None and len(examples) >= limit:
             break
@@ -351,7 +340,7 @@ def convert_examples(split: str, examples: Sequence[Example], source, output, fo
     """Encode ``examples`` and write both JSONL files and the ``.meta.json`` (all atomically)."""
     t0 = time.perf_counter()
     output, formatted_output = Path(output), Path(formatted_output)
-    bad = _BadLines(Path(source), skip_bad_lines)
+    bad = BadLines(Path(source), skip_bad_lines)
     with gc_paused():
         formatted, encoded, n_truncated = encode_examples(
             examples, tokenizer, settings["seq_len"], template=settings["template"], add_bos=settings["add_bos"],
@@ -360,7 +349,7 @@ def convert_examples(split: str, examples: Sequence[Example], source, output, fo
             raise ValueError(f"{source}: no {split} example fits seq_len {settings['seq_len']}")
         lengths = [len(r["context"]) + len(r["completion"]) for r in encoded]
         write_jsonl(formatted_output, formatted)
-        _atomic_write_text(output, encoded_jsonl_lines(encoded))
+        atomic_write_text(output, encoded_jsonl_lines(encoded))
     all_bad = list(bad_lines) + bad.found
     n_yes = sum(r["completion"] == LABELS[0] for r in formatted)
     result = SplitResult(split=split, source=str(source), output=str(output), formatted_output=str(formatted_output),
@@ -369,7 +358,7 @@ def convert_examples(split: str, examples: Sequence[Example], source, output, fo
                          n_bad_lines=len(all_bad), bad_lines=all_bad[:10])
     stored = asdict(result)
     del stored["cached"], stored["seconds"]
-    _write_json(meta_path(output), {"settings": settings, "source": _fingerprint(Path(source)), "result": stored})
+    write_json(meta_path(output), {"settings": settings, "source": fingerprint(Path(source)), "result": stored})
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -333,8 +333,8 @@ def _run(args) -> Dict:
     report = {"mode": mode, **report, "data": str(Path(args.data).resolve()),
               "seconds": round(time.perf_counter() - t0, 3)}
     if args.output_file:
-        from ..e2e.data import _atomic_write_text
-        _atomic_write_text(Path(args.output_file), (json.dumps(r) + "\n" for r in rows))
+        from ...io.atomic import atomic_write_text
+        atomic_write_text(Path(args.output_file), (json.dumps(r) + "\n" for r in rows))
     return report
 
 

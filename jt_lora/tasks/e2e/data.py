@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
-import gc
-import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from jt_lora.io.assets import try_find_asset
+from jt_lora.io.atomic import atomic_write_text
 from jt_lora.io.textio import iter_text_lines
+from jt_lora.tasks.prepared import (BOS_ID, EOS_ID, BadLines, encoded_jsonl_lines, fingerprint, gc_paused,
+                                    load_cached_result, meta_path, vocab_fingerprint, write_json, write_jsonl)
 
-BOS_ID = EOS_ID = 50256
 FORMAT_VERSION = 1
 SEPARATOR = "||"
 TEXT_STYLES = ("raw", "lora")
@@ -116,20 +113,7 @@ def official_mr_to_lora(mr: str) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-class _BadLines:
-    """Raise on the first bad line, or collect them when skipping."""
-
-    def __init__(self, path: Path, skip: bool):
-        self.path, self.skip, self.found = path, skip, []
-
-    def __call__(self, line: int, reason: str) -> None:
-        message = f"{self.path}:{line}: {reason}"
-        if not self.skip:
-            raise ValueError(message + " (use --skip_bad_lines to skip such lines)")
-        self.found.append(message)
-
-
-def _finish(path: Path, examples: List[Example], bad: _BadLines, n_lines: int) -> ReadResult:
+def _finish(path: Path, examples: List[Example], bad: BadLines, n_lines: int) -> ReadResult:
     if n_lines == 0:
         raise ValueError(f"{path}: file is empty (no examples)")
     if not examples:
@@ -152,7 +136,7 @@ def read_txt(path, *, skip_bad_lines: bool = False, limit: Optional[int] = None)
         ValueError: naming file and line, for a bad line (unless skipped) or an empty file.
     """
     path = Path(path)
-    bad, examples, n_lines = _BadLines(path, skip_bad_lines), [], 0
+    bad, examples, n_lines = BadLines(path, skip_bad_lines), [], 0
     for n_lines, line in iter_text_lines(path):   # non-UTF-8 bytes: an error naming file:line:column
         if limit is not None and len(examples) >= limit:
             break
@@ -185,7 +169,7 @@ def read_csv(
     if text_style not in TEXT_STYLES:
         raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {text_style!r}")
     path = Path(path)
-    bad, examples = _BadLines(path, skip_bad_lines), []
+    bad, examples = BadLines(path, skip_bad_lines), []
     with contextlib.closing(iter_text_lines(path)) as lines:
         reader = csv.reader(text for _, text in lines)   # UTF-8 checked per line, file:line:column
         header = next(reader, None)
@@ -257,72 +241,6 @@ def encode_examples(examples: Sequence[Example], tokenizer, add_bos: bool = True
     return [{"context": c + bos, "completion": t + eos} for c, t in zip(contexts, completions)]
 
 
-def encoded_jsonl_lines(records: Iterable[Dict]) -> Iterable[str]:
-    """JSONL lines of encoded records, byte-identical to ``json.dumps`` but ~3x faster."""
-    for r in records:
-        yield '{"context": [%s], "completion": [%s]}\n' % (", ".join(map(str, r["context"])), ", ".join(map(str, r["completion"])))
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """Pause Python's cyclic GC: building ~100k small lists of ids triggers it again and again,
-    each pass walking every list built so far (40% of the conversion time); those lists hold no cycles."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _atomic_write_text(path: Path, chunks: Iterable[str]) -> None:
-    """Write to a temporary file beside ``path``, then ``os.replace`` it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(chunks)
-            f.flush()
-            os.fsync(f.fileno())  # durable before the rename: a crash never leaves an empty file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_jsonl(path, records: Iterable[Dict]) -> None:
-    """Write JSONL atomically. ``json.dumps`` defaults (ASCII escapes, ", ") match the reference's bytes."""
-    _atomic_write_text(Path(path), (json.dumps(r) + "\n" for r in records))
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, [json.dumps(obj, indent=1, sort_keys=True) + "\n"])
-
-
-def _fingerprint(path: Path) -> Dict:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-@functools.lru_cache(maxsize=None)
-def _vocab_digest(vocab_dir: str, stamp: Tuple) -> str:
-    h = hashlib.sha256()
-    for name in ("encoder.json", "vocab.bpe"):
-        h.update((Path(vocab_dir) / name).read_bytes())
-    return h.hexdigest()
-
-
-def vocab_fingerprint(vocab_dir) -> str:
-    """SHA-256 over encoder.json + vocab.bpe (cached while their size and mtime are unchanged)."""
-    files = [Path(vocab_dir) / n for n in ("encoder.json", "vocab.bpe")]
-    return _vocab_digest(str(vocab_dir), tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-
-
 @dataclass
 class ConvertResult:
     """What :func:`convert_file` did (also stored in the output's ``.meta.json``)."""
@@ -340,29 +258,6 @@ class ConvertResult:
     def n_longer_than(self, seq_len: int) -> int:
         """Examples the loader will truncate at ``seq_len`` (context + completion longer than it)."""
         return sum(n for length, n in self.length_histogram.items() if int(length) > seq_len)
-
-
-def meta_path(output) -> Path:
-    return Path(str(output) + ".meta.json")
-
-
-def load_cached_result(source: Path, outputs: Sequence[Path], settings: Dict, result_cls):
-    """The cached ``result_cls`` of a conversion whose outputs are newer than ``source`` and were made
-    with the same ``settings`` (recorded in the first output's .meta.json), else None."""
-    meta_file = meta_path(outputs[0])
-    if not meta_file.exists() or not all(p.exists() for p in outputs):
-        return None
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    if meta.get("settings") != settings or meta.get("source") != _fingerprint(source):
-        return None
-    if min(p.stat().st_mtime_ns for p in outputs) < source.stat().st_mtime_ns:
-        return None
-    result = result_cls(**meta["result"])
-    result.cached = True
-    return result
 
 
 def convert_file(
@@ -434,7 +329,7 @@ def convert_file(
             histogram[key] = histogram.get(key, 0) + 1
         if formatted_output:
             write_jsonl(formatted_output, formatted_records(examples))
-        _atomic_write_text(output, encoded_jsonl_lines(records))
+        atomic_write_text(output, encoded_jsonl_lines(records))
     result = ConvertResult(
         source=str(source),
         output=str(output),
@@ -446,7 +341,7 @@ def convert_file(
     )
     stored = asdict(result)
     del stored["cached"], stored["seconds"]
-    _write_json(meta_path(output), {"settings": settings, "source": _fingerprint(source), "result": stored})
+    write_json(meta_path(output), {"settings": settings, "source": fingerprint(source), "result": stored})
     result.seconds = time.perf_counter() - t0
     return result
 

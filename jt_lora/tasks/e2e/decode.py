@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
+from ...io.atomic import atomic_write_text
 from ...io.textio import iter_text_lines, parse_json_line
 
 EOS_TEXT = "<|endoftext|>"
@@ -182,22 +181,6 @@ def attach_predictions(groups: Dict[Hashable, Group], keys: Sequence[Hashable], 
     return n
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same directory and ``os.replace``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:  # "x": umask permissions, never clobbers
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_e2e_files(groups: Dict[Hashable, Group], ref_path: str, pred_path: str,
                     tokenize: bool = False, lower: bool = False) -> None:
     """The scorer's two files: references grouped by blank lines, one prediction per line."""
@@ -206,8 +189,8 @@ def write_e2e_files(groups: Dict[Hashable, Group], ref_path: str, pred_path: str
         refs.extend(post_process(r, tokenize, lower) + "\n" for r in g.references)
         refs.append("\n")
         preds.append(post_process(g.prediction, tokenize, lower) + "\n")
-    _write_atomic(ref_path, "".join(refs))
-    _write_atomic(pred_path, "".join(preds))
+    atomic_write_text(ref_path, "".join(refs))
+    atomic_write_text(pred_path, "".join(preds))
 
 
 def decode(sample_file: str, input_file: str, output_ref_file: str, output_pred_file: str,
