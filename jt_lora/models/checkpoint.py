@@ -115,6 +115,7 @@ def load_into_model(model, state: Dict[str, np.ndarray], strict: bool = True, so
     """Copy normalised tensors into ``model.transformer``; adapter tensors may be absent.
 
     Returns (missing, unexpected) key lists (adapter keys missing from a base checkpoint are fine).
+    The model stays in the mode it was in (an eval-mode model comes back merged with the new weights).
     """
     params = dict(model.transformer.named_parameters())
     unexpected = [k for k in state if k not in params]
@@ -125,17 +126,20 @@ def load_into_model(model, state: Dict[str, np.ndarray], strict: bool = True, so
         raise CheckpointError(f"{source}: shape mismatch:\n  " + "\n  ".join(shape_errors))
     if strict and (missing or unexpected):
         raise CheckpointError(f"{source}: missing keys {missing}; unexpected keys {unexpected}")
-    model.train()  # adapters unmerged while weights are replaced
+    merged = not getattr(model, "is_train", True)
+    if merged:  # adapters are unmerged while the weights are replaced, then merged into the new ones
+        model.train()
     for k, arr in state.items():
         if k in params:
             assign_keep_trainable(params[k], np.ascontiguousarray(arr, dtype=np.float32))
+    if merged:
+        model.eval()
     return missing, unexpected
 
 
 def load_gpt2_checkpoint(cls, path, config=None, strict: bool = True, **overrides):
-    """Build ``cls`` with the checkpoint's architecture and load its weights."""
-    from .gpt2 import GPT2Config
-
+    """Build ``cls`` (a model class with a ``config_class``) with the checkpoint's architecture and load
+    its weights. The class is passed in, not imported, so that this module never imports the model."""
     raw, hf_config = read_state_dict(path)
     state = normalize_gpt2_keys(raw)
     arch = _architecture(state, hf_config, path, need_heads=config is None and "n_head" not in overrides)
@@ -145,7 +149,7 @@ def load_gpt2_checkpoint(cls, path, config=None, strict: bool = True, **override
     if clash:
         raise CheckpointError(f"{path}: shape given does not match the checkpoint: " + ", ".join(clash))
     if config is None:
-        config = GPT2Config(**{**arch, **overrides})
+        config = cls.config_class(**{**arch, **overrides})
     else:
         config = config.replace(**overrides) if overrides else config
         wrong = {k: (v, getattr(config, k)) for k, v in arch.items() if getattr(config, k) != v}

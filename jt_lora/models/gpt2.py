@@ -258,6 +258,7 @@ class GPT2LMModel(AdapterModule):
     Args:
         config: a ``GPT2Config`` (see ``GPT2Config.from_card``).
     """
+    config_class = GPT2Config  # as HF's PreTrainedModel: checkpoint readers build configs without importing this module
 
     def __init__(self, config: GPT2Config):
         self.config = config
