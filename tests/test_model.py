@@ -209,10 +209,13 @@ def test_ina_slope_in_config_and_native_adapter_file(tmp_path):
     save_adapter(model, tmp_path / "new")
     assert json.loads((tmp_path / "new" / ADAPTER_CONFIG).read_text())["lora_inhibition_slope"] == 0.01
     legacy = _random_model("ina", lora_inhibition=0.3, lora_inhibition_slope=0.1)
-    save_adapter(legacy, tmp_path / "old")
-    cfg_file = tmp_path / "old" / ADAPTER_CONFIG
-    meta = json.loads(cfg_file.read_text())
-    del meta["lora_inhibition_slope"]
+    # the old format (jt_lora_adapter.*), as written before the slope was recorded
+    from jt_lora.models.saving import ADAPTER_FIELDS, save_safetensors
+    from jt_lora.nn.adapters import adapter_state_dict
+    (tmp_path / "old").mkdir()
+    save_safetensors(tmp_path / "old" / "jt_lora_adapter.safetensors", adapter_state_dict(legacy))
+    cfg_file = tmp_path / "old" / "jt_lora_adapter.json"
+    meta = {k: v for k, v in legacy.config.to_dict().items() if k in ADAPTER_FIELDS and k != "lora_inhibition_slope"}
     cfg_file.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match=f"{cfg_file}.*using 0.1"):
         read = read_adapter_config(tmp_path / "old")

@@ -588,14 +588,14 @@ def test_bad_adapter_files_name_the_problem_and_leave_the_model_unchanged(saved,
 
 
 def test_save_is_atomic(saved, monkeypatch):
-    import jt_lora.models.saving as saving
+    import jt_lora.io.atomic as atomic
     good = saved / "good"
     files = {f.name: f.read_bytes() for f in good.iterdir()}
     peft = _randomize(get_peft_model(_base(), IA3Config()))
 
     def crash(*args):
         raise OSError("disk full")
-    monkeypatch.setattr(saving.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         peft.save_pretrained(good)
     assert {f.name: f.read_bytes() for f in good.iterdir()} == files  # old adapter intact, no temp files

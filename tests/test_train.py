@@ -86,7 +86,7 @@ def _losses(work_dir, kind="train", key="loss"):
 
 
 def _adapter(path):
-    return load_file(os.path.join(path, "jt_lora_adapter.safetensors"))
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_loss_decreases_and_outputs_written(data, base, tmp_path, adapter):
     assert valid_losses[-1] < valid_losses[0] - 0.2
     config = json.load(open(tmp_path / "train_config.json"))
     assert config["model_config"]["adapter"] == adapter and str(base) in config["base"]
-    assert (tmp_path / "adapter" / "jt_lora_adapter.safetensors").exists()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-36", "checkpoint-48"]
 
 

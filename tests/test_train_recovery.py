@@ -193,7 +193,7 @@ def test_resume_drops_log_entries_past_the_checkpoint(data, finished, tmp_path, 
                                [json.loads(line)["loss"] for line in open(finished / "log.jsonl")], atol=1e-6)
 
 
-@pytest.mark.parametrize("broken", ["optimizer.safetensors", "trainer_state.json", "jt_lora_adapter.safetensors"])
+@pytest.mark.parametrize("broken", ["optimizer.safetensors", "trainer_state.json", "adapter_model.safetensors"])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data, finished, tmp_path, capsys, broken):
     wd = tmp_path / "run"
     code, _ = run(capsys, *argv(data, wd, "--max_step", "12", "--save_interval", "4", "--keep_checkpoints", "0",

@@ -10,16 +10,47 @@ bias saved at merge time instead of dividing by the vector, so eval()/train()
 cycles never move the frozen tensors (dividing drifts by rounding each cycle).
 """
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ..backend import jt, nn
 from .kernels import dense, scale_last_dim
 from .lora import ExactMerge, kaiming_uniform
-from .modes import AdapterModule, assign_keep_trainable
+from .modes import AdapterModule
 
-__all__ = ["IA3Linear"]
+__all__ = ["IA3Linear", "ia3_vector", "ia3_scaled"]
+
+
+# --- the (IA)³ math, once: every (IA)³ layer (loralib-style and PEFT-style) goes through these -----------
+def ia3_vector(l: "jt.Var", enable: Optional[Sequence[bool]], part: int) -> "jt.Var":
+    """The full-length scaling vector from the learned one: ``enable`` (a per-part mask of a fused
+    output) puts ones on the parts left alone; ``None`` means ``l`` already covers the whole axis."""
+    l = l.reshape(-1)
+    if enable is None or all(enable):
+        return l
+    parts, g = [], 0
+    for enabled in enable:
+        if enabled:
+            parts.append(l[g * part:(g + 1) * part])
+            g += 1
+        else:
+            parts.append(jt.ones((part,), dtype=l.dtype))
+    return jt.concat(parts, dim=0)
+
+
+def ia3_scaled(weight, bias, vec, fan_in_fan_out: bool, feedforward: bool):
+    """(weight, bias) with the vector folded in: the output axis (and the bias) for an output-side
+    vector, the input axis for a feed-forward (input-side) one; the weight's layout decides which
+    tensor axis that is. Merge and tests use it; unmerge restores instead of dividing."""
+    out_axis = 1 if fan_in_fan_out else 0
+    axis = 1 - out_axis if feedforward else out_axis
+    shape = [1, 1]
+    shape[axis] = -1
+    weight = weight * vec.reshape(shape)
+    if bias is not None and not feedforward:
+        bias = bias * vec
+    return weight, (None if feedforward else bias)
 
 
 class IA3Linear(ExactMerge, AdapterModule):
@@ -55,33 +86,15 @@ class IA3Linear(ExactMerge, AdapterModule):
 
     def scale_vector(self) -> "jt.Var":
         """The full-length scaling vector: ``[in]`` (feed-forward) or ``[out]`` with ones on untouched parts."""
-        if self.feedforward or all(self.enable_ia3):
-            return self.ia3_l
-        parts, g = [], 0
-        for enabled in self.enable_ia3:
-            if enabled:
-                parts.append(self.ia3_l[g * self._part:(g + 1) * self._part])
-                g += 1
-            else:
-                parts.append(jt.ones((self._part,), dtype=self.ia3_l.dtype))
-        return jt.concat(parts, dim=0)
-
-    def _scaled(self, weight, bias, vec):
-        out_axis = 1 if self.fan_in_fan_out else 0
-        axis = 1 - out_axis if self.feedforward else out_axis
-        shape = [1, 1]
-        shape[axis] = -1
-        weight = weight * vec.reshape(shape)
-        if bias is not None and not self.feedforward:
-            bias = bias * vec
-        return weight, bias
+        return ia3_vector(self.ia3_l, None if self.feedforward else self.enable_ia3, self._part)
 
     def merge(self):
         """Fold the vector into the weight (and bias), keeping the unmerged tensors (idempotent)."""
         if self.merged:
             return
         self._save_unmerged()
-        self._assign(*self._scaled(self.weight, self.bias, self.scale_vector()))
+        self._assign_dense(*ia3_scaled(self.weight, self.bias, self.scale_vector(), self.fan_in_fan_out,
+                                       self.feedforward))
         self.merged = True
 
     def unmerge(self):
@@ -90,11 +103,6 @@ class IA3Linear(ExactMerge, AdapterModule):
             return
         self._restore_unmerged()
         self.merged = False
-
-    def _assign(self, weight, bias):
-        for var, value in ((self.weight, weight), (self.bias, bias)):
-            if var is not None:
-                assign_keep_trainable(var, value)
 
     def _sync_mode(self):
         if not self.merge_weights:

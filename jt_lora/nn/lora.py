@@ -26,7 +26,8 @@ from .kernels import dense
 from .modes import AdapterModule, assign_keep_trainable
 
 __all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "InhibitionGate", "kaiming_uniform",
-           "INA_SLOPE", "LEGACY_INA_SLOPE", "ExactMerge"]
+           "INA_SLOPE", "LEGACY_INA_SLOPE", "ExactMerge",
+           "lora_variant", "block_b", "lora_delta", "lora_update"]
 
 # torch's leaky_relu default, which the InA reference code uses.
 INA_SLOPE = 0.01
@@ -41,21 +42,36 @@ def kaiming_uniform(shape, fan_in: int) -> "jt.Var":
 
 
 class InhibitionGate:
-    """Shunting inhibition on the rank dimension of ``A·x`` (InA).
+    """InA as a LoRA *variant*: it owns the low-rank path's non-linearity and the merge rule.
 
-    Each token's activations ``h`` become ``leaky_relu(h - inhibition * max(h), negative_slope)``,
-    the max taken over each group of ``r`` (one group per adapted part of a fused layer; a plain
-    layer is one group). The InA reference subtracts the scaled max and uses torch's default
-    slope 0.01; inhibition 0 is the identity (plain LoRA), as there.
+    Each token's rank activations ``h = A·x`` become ``leaky_relu(h - inhibition * max(h),
+    negative_slope)``, the max taken over each group of ``r`` (one group per adapted part of a fused
+    layer; a plain layer is one group). The InA reference subtracts the scaled max and uses torch's
+    default slope 0.01; inhibition 0 is the identity, i.e. plain LoRA (PEFT's ``LoraVariant``
+    pattern: the layer's forward stays plain and calls the variant's hook).
+
+    Merge rule: a gate with inhibition > 0 is non-linear in x, so the update has no weight delta;
+    ``check_mergeable`` is the one place that refuses, for every front-end.
     """
 
-    def __init__(self, inhibition: float, negative_slope: float = INA_SLOPE):
+    def __init__(self, inhibition: float = 0.0, negative_slope: float = INA_SLOPE):
         if not 0.0 <= inhibition < 1.0:
             raise ValueError(f"lora_inhibition must be in [0, 1), got {inhibition}")
         if not 0.0 <= negative_slope < 1.0:
             raise ValueError(f"lora_inhibition_slope must be in [0, 1), got {negative_slope}")
         self.inhibition = float(inhibition)
         self.negative_slope = float(negative_slope)
+
+    @property
+    def mergeable(self) -> bool:
+        return self.inhibition == 0.0
+
+    def check_mergeable(self, what: str):
+        """Raise (naming ``what``) unless the update is linear and can be folded into the weight."""
+        if not self.mergeable:
+            raise ValueError(f"{what} is InA (lora_inhibition={self.inhibition}): its update is non-linear in x, "
+                             f"so it has no weight delta and cannot be merged into the weight (InA layers cannot "
+                             f"merge: use merge_weights=False)")
 
     def __call__(self, h: "jt.Var", groups: int) -> "jt.Var":
         if self.inhibition == 0.0:
@@ -67,29 +83,91 @@ class InhibitionGate:
         return g.reshape(shape)
 
 
-class ExactMerge:
-    """Merge/unmerge bookkeeping shared by the native adapter layers.
+def lora_variant(lora_inhibition: float = 0.0, lora_inhibition_slope: float = INA_SLOPE) -> InhibitionGate:
+    """The variant object for a LoRA adapter: plain LoRA (inhibition 0) or InA."""
+    return InhibitionGate(lora_inhibition, lora_inhibition_slope)
 
-    ``merge`` saves the weight (and bias) as host arrays before folding the adapter in;
-    ``unmerge`` puts those arrays back, so the frozen tensors are bit-identical after any number
-    of cycles. The copy lives only while merged (eval mode): the extra memory is one copy of
-    each merged layer's weight, released by ``train()``.
+
+# --- the LoRA math, once: every LoRA layer (loralib-style and PEFT-style) goes through these -----------
+def block_b(b: "jt.Var", enable: Optional[Sequence[bool]], r: int) -> "jt.Var":
+    """Grouped ``B [part·g, r]`` spread into ``[part·len(enable), r·g]``: block-diagonal over the enabled
+    parts, zero elsewhere (loralib's MergedLinear layout; PEFT's rank-``g·r`` B). ``enable=None``: as is."""
+    if enable is None:
+        return b
+    g = sum(enable)
+    part = b.shape[0] // g
+    rows, j = [], 0
+    for enabled in enable:
+        cols = [b[j * part:(j + 1) * part] if enabled and k == j else jt.zeros((part, r), dtype=b.dtype)
+                for k in range(g)]
+        rows.append(jt.concat(cols, dim=1) if g > 1 else cols[0])
+        j += int(enabled)
+    return jt.concat(rows, dim=0)
+
+
+def lora_delta(a, b_full, scaling: float, fan_in_fan_out: bool, gate: InhibitionGate, what: str):
+    """``scaling · B·A`` in the weight's layout (``[in, out]`` when fan_in_fan_out); the variant decides
+    whether a delta exists (InA: none, raises). Used by merge, PEFT's get_delta_weight and tests."""
+    gate.check_mergeable(what)
+    d = jt.matmul(b_full, a) * scaling  # [out, in]
+    return d.transpose() if fan_in_fan_out else d
+
+
+def lora_update(x, a, b_full, scaling: float, gate: InhibitionGate, groups: int, dropout: float, training: bool):
+    """The low-rank path ``scaling · B·gate(A·dropout(x))`` ([..., in] -> [..., out]); factored, so
+    dropout and the variant's gate act on ``A·x`` (and it is cheaper than a full delta)."""
+    if dropout > 0 and training:
+        x = nn.dropout(x, dropout, is_train=True)
+    h = nn.matmul_transpose(x, a)  # [..., r·groups]
+    h = gate(h, groups)
+    return nn.matmul_transpose(h, b_full) * scaling
+
+
+class ExactMerge:
+    """Merge/unmerge bookkeeping shared by every adapter layer (both front-ends).
+
+    ``_save_unmerged`` keeps the dense weight (and bias) as host arrays before an adapter is folded
+    in; ``_restore_unmerged`` puts those arrays back, so the frozen tensors are bit-identical after any
+    number of cycles (subtracting an update or dividing by an (IA)³ vector drifts by rounding). The
+    copy lives only while merged (eval mode): one copy of each merged layer's weight.
+    ``_dense()`` is the module holding ``weight``/``bias``: the layer itself, or a PEFT layer's base.
     """
 
+    _unmerged = None
+
+    def _dense(self):
+        return self
+
     def _save_unmerged(self):
-        self._unmerged = (self.weight.numpy().copy(),
-                          None if getattr(self, "bias", None) is None else self.bias.numpy().copy())
+        if self._unmerged is not None:  # already merged: keep the original
+            return
+        dense = self._dense()
+        self._unmerged = (dense.weight.numpy().copy(),
+                          None if getattr(dense, "bias", None) is None else dense.bias.numpy().copy())
+
+    def _assign_dense(self, weight, bias=None):
+        dense = self._dense()
+        assign_keep_trainable(dense.weight, weight)
+        if bias is not None and getattr(dense, "bias", None) is not None:
+            assign_keep_trainable(dense.bias, bias)
 
     def _restore_unmerged(self):
-        weight, bias = self._unmerged
-        assign_keep_trainable(self.weight, weight)
-        if bias is not None:
-            assign_keep_trainable(self.bias, bias)
+        if self._unmerged is None:
+            return
+        self._assign_dense(*self._unmerged)
         self._unmerged = None
+
+    def unmerged_weights(self):
+        """(weight, bias) as numpy without the adapter folded in, whatever the mode: for writers that
+        must not switch the model to train mode."""
+        if self._unmerged is not None:
+            return self._unmerged
+        dense = self._dense()
+        return dense.weight.numpy(), None if getattr(dense, "bias", None) is None else dense.bias.numpy()
 
 
 class LoRALayer(ExactMerge, AdapterModule):
-    """State shared by every LoRA layer (loralib's ``LoRALayer``)."""
+    """State shared by every loralib-style LoRA layer (loralib's ``LoRALayer``)."""
 
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float,
                    merge_weights: Optional[bool], lora_inhibition: float = 0.0,
@@ -99,13 +177,12 @@ class LoRALayer(ExactMerge, AdapterModule):
         self.r = int(r)
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
-        self.gate = InhibitionGate(lora_inhibition, lora_inhibition_slope)
+        self.gate = lora_variant(lora_inhibition, lora_inhibition_slope)
         self.scaling = lora_alpha / r if r > 0 else 0.0
         if merge_weights is None:
-            merge_weights = lora_inhibition == 0.0
-        if merge_weights and lora_inhibition > 0.0:
-            raise ValueError("an InA layer (lora_inhibition > 0) is non-linear and cannot merge its "
-                             "weights; pass merge_weights=False")
+            merge_weights = self.gate.mergeable
+        if merge_weights:
+            self.gate.check_mergeable(f"{type(self).__name__} with merge_weights=True (pass merge_weights=False)")
         self.merge_weights = bool(merge_weights)
         self.merged = False
 
@@ -113,24 +190,29 @@ class LoRALayer(ExactMerge, AdapterModule):
     def lora_inhibition(self) -> float:
         return self.gate.inhibition
 
-    def _dropout(self, x):
-        if self.lora_dropout > 0 and self.training:
-            return nn.dropout(x, self.lora_dropout, is_train=True)
-        return x
+    _enable = None  # per-part mask (MergedLinear); None: one plain pair
 
-    def _check_mergeable(self):
-        if self.gate.inhibition > 0.0:
-            raise ValueError(f"{type(self).__name__} with lora_inhibition={self.gate.inhibition} is InA: "
-                             "its update is non-linear in x and cannot be merged into the weight")
+    @property
+    def _groups_n(self) -> int:
+        return sum(self._enable) if self._enable else 1
+
+    def full_b(self) -> "jt.Var":
+        """``lora_B`` as ``[out, r·groups]`` (grouped layouts spread into zero blocks)."""
+        return block_b(self.lora_B, self._enable, self.r)
+
+    def delta_weight(self) -> "jt.Var":
+        """scaling · B·A (zero-padded to the full output), in the weight's own layout."""
+        return lora_delta(self.lora_A, self.full_b(), self.scaling, self.fan_in_fan_out, self.gate,
+                          type(self).__name__)
 
     # merge/unmerge through the one delta function
     def merge(self):
-        """Add the low-rank update to the frozen weight (idempotent)."""
+        """Add the low-rank update to the frozen weight (idempotent; InA raises)."""
         if self.merged or self.r == 0:
             return
-        self._check_mergeable()
+        delta = self.delta_weight()
         self._save_unmerged()
-        self._set_weight(self.weight + self.delta_weight())
+        self._assign_dense(self.weight + delta)
         self.merged = True
 
     def unmerge(self):
@@ -149,9 +231,6 @@ class LoRALayer(ExactMerge, AdapterModule):
         elif not self.training and not self.merged:
             self.merge()
 
-    def _set_weight(self, value):
-        assign_keep_trainable(self.weight, value)
-
     def _init_dense(self, in_features: int, out_features: int, fan_in_fan_out: bool, bias: bool):
         """nn.Linear's init (kaiming-uniform weight, uniform bias), stored in the requested layout."""
         self.in_features, self.out_features = in_features, out_features
@@ -164,6 +243,14 @@ class LoRALayer(ExactMerge, AdapterModule):
     def base_forward(self, x):
         """The frozen projection alone: x·W (+ b)."""
         return dense(x, self.weight, self.bias, self.fan_in_fan_out)
+
+    def execute(self, x):
+        self._sync_mode()
+        y = self.base_forward(x)
+        if self.r > 0 and not self.merged:
+            y = y + lora_update(x, self.lora_A, self.full_b(), self.scaling, self.gate, self._groups_n,
+                                self.lora_dropout, self.training)
+        return y
 
 
 class Linear(LoRALayer):
@@ -190,20 +277,6 @@ class Linear(LoRALayer):
             self.lora_A = kaiming_uniform((r, in_features), in_features)
             self.lora_B = jt.zeros((out_features, r), dtype="float32")
             self.weight.stop_grad()
-
-    def delta_weight(self) -> "jt.Var":
-        """scaling · B·A, in the weight's own layout."""
-        d = jt.matmul(self.lora_B, self.lora_A) * self.scaling  # [out, in]
-        return d.transpose() if self.fan_in_fan_out else d
-
-    def execute(self, x):
-        self._sync_mode()
-        y = self.base_forward(x)
-        if self.r > 0 and not self.merged:
-            h = nn.matmul_transpose(self._dropout(x), self.lora_A)  # [..., r]
-            h = self.gate(h, 1)
-            y = y + nn.matmul_transpose(h, self.lora_B) * self.scaling
-        return y
 
 
 class Embedding(LoRALayer):
@@ -256,6 +329,7 @@ class MergedLinear(LoRALayer):
             raise ValueError(f"out_features={out_features} is not divisible into {len(enable_lora)} parts")
         self._init_dense(in_features, out_features, fan_in_fan_out, bias)
         self.enable_lora = enable_lora
+        self._enable = enable_lora
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition, lora_inhibition_slope)
         self._groups = sum(enable_lora)
         self._part = out_features // len(enable_lora)
@@ -265,32 +339,3 @@ class MergedLinear(LoRALayer):
             self.weight.stop_grad()
         else:
             self.r = 0
-
-    def _block_b(self) -> "jt.Var":
-        """lora_B spread into ``[out, r·groups]``: block-diagonal over the enabled parts, zero elsewhere."""
-        r, part = self.r, self._part
-        rows, g = [], 0
-        for enabled in self.enable_lora:
-            cols = []
-            for j in range(self._groups):
-                if enabled and j == g:
-                    cols.append(self.lora_B[g * part:(g + 1) * part])
-                else:
-                    cols.append(jt.zeros((part, r), dtype=self.lora_B.dtype))
-            rows.append(jt.concat(cols, dim=1) if len(cols) > 1 else cols[0])
-            g += int(enabled)
-        return jt.concat(rows, dim=0)
-
-    def delta_weight(self) -> "jt.Var":
-        """scaling · (grouped B·A) zero-padded to the full output, in the weight's layout."""
-        d = jt.matmul(self._block_b(), self.lora_A) * self.scaling  # [out, in]
-        return d.transpose() if self.fan_in_fan_out else d
-
-    def execute(self, x):
-        self._sync_mode()
-        y = self.base_forward(x)
-        if self.r > 0 and not self.merged:
-            h = nn.matmul_transpose(self._dropout(x), self.lora_A)  # [..., r·groups]
-            h = self.gate(h, self._groups)
-            y = y + nn.matmul_transpose(h, self._block_b()) * self.scaling
-        return y

@@ -30,6 +30,8 @@ ALL_LINEAR = "all-linear"
 # PEFT's defaults for GPT-2, except that LoRA adapts only q and v of c_attn (the LoRA paper's choice).
 DEFAULT_TARGETS = {
     "LORA": {"gpt2": dict(target_modules=("c_attn",), enable_lora=(True, False, True))},
+    # (IA)³: PEFT's GPT-2 default, all of c_attn and the feed-forward input. GPT2Config(adapter="ia3")
+    # rescales only k and v (the paper's): IA3Config(enable_ia3=(False, True, True)) is that adapter.
     "IA3": {"gpt2": dict(target_modules=("c_attn", "mlp.c_proj"), feedforward_modules=("mlp.c_proj",))},
 }
 
@@ -54,6 +56,15 @@ def _names(value, what: str) -> Targets:
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return tuple(sorted(set(value)))
     raise TypeError(f"{what} must be None, a regex string or a list of module names, got {value!r}")
+
+
+def _mask(value, what: str) -> Optional[Tuple[bool, ...]]:
+    """A per-part mask (``enable_lora`` / ``enable_ia3``) as a tuple of bools, or None."""
+    if value is None:
+        return None
+    if isinstance(value, str) or len(value) == 0 or not any(value):
+        raise ValueError(f"{what} must be a non-empty sequence of bools with at least one True, got {value!r}")
+    return tuple(bool(e) for e in value)
 
 
 def _check_pattern(pattern: Dict[str, float], what: str, integer: bool):
@@ -174,11 +185,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_inhibition must be in [0, 1), got {self.lora_inhibition}")
         if not 0.0 <= self.lora_inhibition_slope < 1.0:
             raise ValueError(f"lora_inhibition_slope must be in [0, 1), got {self.lora_inhibition_slope}")
-        if self.enable_lora is not None:
-            if isinstance(self.enable_lora, str) or len(self.enable_lora) == 0 or not any(self.enable_lora):
-                raise ValueError(f"enable_lora must be a non-empty sequence of bools with at least one True, "
-                                 f"got {self.enable_lora!r}")
-            self.enable_lora = tuple(bool(e) for e in self.enable_lora)
+        self.enable_lora = _mask(self.enable_lora, "enable_lora")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
@@ -211,6 +218,11 @@ class IA3Config(PeftConfig):
         modules_to_save: as ``LoraConfig``.
         init_ia3_weights: vectors start at ones (step 0 equals the base model); False draws them
             around one (for tests).
+        enable_ia3: jt_lora's per-part mask for a fused output (GPT-2's ``c_attn`` = q|k|v), as
+            ``enable_lora``: only the enabled parts get a learned vector, the others stay exactly as
+            they are. None: the whole output (PEFT's default). ``(False, True, True)`` is k and v, the
+            (IA)³ paper's choice and ``GPT2Config(adapter="ia3")``'s.
+            Files hold the full vector (ones on the other parts), so stock PEFT reads them exactly.
     """
 
     target_modules: Targets = None
@@ -219,6 +231,7 @@ class IA3Config(PeftConfig):
     fan_in_fan_out: bool = False
     modules_to_save: Optional[Tuple[str, ...]] = None
     init_ia3_weights: bool = True
+    enable_ia3: Optional[Tuple[bool, ...]] = None
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -236,6 +249,7 @@ class IA3Config(PeftConfig):
                                  f"(target_modules={list(self.target_modules)})")
         if not isinstance(self.init_ia3_weights, bool):
             raise TypeError(f"init_ia3_weights must be a bool, got {self.init_ia3_weights!r}")
+        self.enable_ia3 = _mask(self.enable_ia3, "enable_ia3")
 
 
 CONFIG_CLASSES = {"LORA": LoraConfig, "IA3": IA3Config}

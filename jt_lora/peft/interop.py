@@ -1,95 +1,70 @@
-"""Adapter files in HF PEFT's format, microsoft/LoRA checkpoints, and native jt_lora adapters.
+"""The PEFT-style front-end's side of the one adapter format (``models/adapter_files``).
 
-PEFT's directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
-whose keys are the model's parameter names with the adapter name dropped:
-``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight``, ``...ia3_l``.
-jt_lora's parameter names are PEFT's, so the mapping is only that dropping.
+Its parameter names are PEFT's, so mapping a ``PeftModel``'s adapter to the file's keys is only
+dropping the adapter name; the grouped-LoRA and part-masked (IA)³ layouts are converted by the
+functions ``adapter_files`` and ``nn`` share. Reading covers PEFT directories (HF PEFT's or jt_lora's,
+including the trainer's ``adapter/``), legacy ``jt_lora_adapter.*`` directories (converted by
+``adapter_files``) and microsoft/LoRA checkpoints (``_read_ms_checkpoint``).
 
-A grouped LoRA (``enable_lora``, loralib's ``MergedLinear``: rank ``r`` on each
-of ``g`` enabled parts of ``c_attn``) is written as the plain LoRA PEFT knows:
-rank ``g·r``, the same ``A`` and a block ``B`` with zero blocks, and
-``lora_alpha`` ``g·alpha`` so that PEFT's ``alpha'/(g·r)`` equals ``alpha/r``
-(``sqrt(g)·alpha`` with rsLoRA). The grouped layout itself is kept in the
-safetensors metadata (``jt_lora_config``), which PEFT ignores, so jt_lora
-reads the file back with the same structure.
+InA: a q/v-grouped InA adapter takes its gate's max per part, which the rank-``g·r`` PEFT layout
+cannot express; ``reference_compatible=True``, the export meant for the InA reference code or stock
+PEFT, refuses it and names the layout that matches the reference: ``target_modules=["c_attn"]``
+without ``enable_lora``.
 
-InA adds ``lora_inhibition`` (the InA reference's field) and
-``lora_inhibition_slope`` to adapter_config.json. Stock PEFT drops them with a
-warning and computes a plain LoRA. The InA reference code reads an ungrouped
-InA adapter exactly (its gate: max over the module's whole rank, slope 0.01);
-a grouped one it would misread, since jt_lora takes the max per part and the
-rank-``g·r`` PEFT layout no longer says where the parts are. So a grouped InA
-file is for jt_lora only (the parts are in the metadata), and
-``save_adapter_dir(..., reference_compatible=True)``, the export meant for the
-InA code or stock PEFT, refuses it and names the layout that matches the
-reference: ``target_modules=["c_attn"]`` without ``enable_lora``.
-
-InA files that jt_lora wrote before it recorded the slope were trained with
-0.1 and load so, with a warning naming the file; InA files from elsewhere
-without the field get the reference's 0.01.
-
-Loading checks everything (config, keys, shapes, zero blocks) before the
-model is changed, and undoes an injected adapter if anything fails.
+Loading checks everything (config, keys, shapes, zero blocks) before the model is changed, and
+undoes an injected adapter if anything fails. ``from_native`` turns a natively built model into a
+``PeftModel`` without changing its train/eval mode.
 """
-import json
-import math
-import re
 import warnings
-from collections import Counter
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 
-from ..nn.lora import INA_SLOPE, LEGACY_INA_SLOPE
-from ..models.saving import atomic_write_text, save_safetensors
-from .config import LoraConfig, IA3Config, PeftConfig, config_from_dict
+from ..models.adapter_files import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFileError, group_b, part_vector,
+                                    peft_config_json, read_adapter_files, write_adapter_dir)
+from ..nn.lora import INA_SLOPE
+from .config import IA3Config, LoraConfig, PeftConfig
 from .layers import IA3Layer, LoraLayer, assign
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFileError", "peft_state_dict", "peft_config_dict",
            "save_adapter_dir", "read_adapter", "read_adapter_files", "assign_state", "load_adapter_into",
            "from_native", "MS_DEFAULT_ALPHA", "check_reference_compatible"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-META_KEY = "jt_lora_config"
-WRITER_KEY = "jt_lora_writer"  # marks every file jt_lora writes from now on
-SLOPE_FIELD = "lora_inhibition_slope"
 MS_DEFAULT_ALPHA = 32.0  # microsoft/LoRA's GPT-2 E2E recipe (--lora_dim 4 --lora_alpha 32); not in its files
 
 
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be loaded; the message names the file and the key."""
-
-
 # --- saving ---------------------------------------------------------------------------------
-def _effective(layer: LoraLayer, name: str, config: LoraConfig) -> Tuple[int, float]:
-    """(r, lora_alpha) of the plain LoRA that equals this layer's adapter in PEFT."""
-    g = layer.groups(name)
-    r, alpha = layer.r[name], layer.lora_alpha[name]
-    return r * g, alpha * (math.sqrt(g) if config.use_rslora else g)
-
-
-def peft_state_dict(tuner, adapter_name: str) -> Dict[str, np.ndarray]:
-    """The adapter's tensors under PEFT's saved key names (grouped LoRA spread to PEFT's layout)."""
+def _adapter_state(tuner, adapter_name: str) -> Dict[str, np.ndarray]:
+    """The adapter's tensors in PEFT's layout, keys without the prefix (grouped LoRA B and part-masked
+    (IA)³ vectors spread to full size)."""
     config = tuner.peft_config[adapter_name]
     out = {}
     for key, layer in tuner.tuner_layers():
         if adapter_name not in layer:
             continue
         if isinstance(layer, LoraLayer):
-            out[f"{PREFIX}{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight.numpy()
-            out[f"{PREFIX}{key}.lora_B.weight"] = layer.full_b(adapter_name).numpy()
+            out[f"{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight.numpy()
+            out[f"{key}.lora_B.weight"] = layer.full_b(adapter_name).numpy()
         elif isinstance(layer, IA3Layer):
-            out[f"{PREFIX}{key}.ia3_l"] = layer.ia3_l[adapter_name].numpy()
+            vec = layer.full_vector(adapter_name).numpy()
+            out[f"{key}.ia3_l"] = vec.reshape((1, -1) if layer.is_feedforward else (-1, 1))
         else:
             for n, p in layer.modules_to_save[adapter_name].named_parameters():
-                out[f"{PREFIX}{key}.{n}"] = p.numpy()
+                out[f"{key}.{n}"] = p.numpy()
     for name, p in _bias_params(tuner, config).items():
-        out[PREFIX + name] = p.numpy()
+        out[name] = p.numpy()
     return out
+
+
+def peft_state_dict(tuner, adapter_name: str) -> Dict[str, np.ndarray]:
+    """The adapter's tensors under PEFT's saved key names."""
+    return {PREFIX + k: v for k, v in _adapter_state(tuner, adapter_name).items()}
+
+
+def _ranks(tuner, adapter_name: str):
+    return {k: (l.r[adapter_name], l.groups(adapter_name)) for k, l in tuner.tuner_layers()
+            if isinstance(l, LoraLayer) and adapter_name in l}
 
 
 def _bias_params(tuner, config) -> Dict[str, "object"]:
@@ -106,22 +81,7 @@ def _bias_params(tuner, config) -> Dict[str, "object"]:
 
 def peft_config_dict(tuner, adapter_name: str) -> dict:
     """adapter_config.json contents that stock PEFT reads (plus ``lora_inhibition`` for InA)."""
-    config = tuner.peft_config[adapter_name]
-    out = config.to_dict()
-    out["inference_mode"] = True
-    if isinstance(config, LoraConfig):
-        out.pop("enable_lora")
-        if config.lora_inhibition == 0.0:
-            out.pop("lora_inhibition")
-            out.pop(SLOPE_FIELD)
-        pairs = {k: _effective(l, adapter_name, config) for k, l in tuner.tuner_layers()
-                 if isinstance(l, LoraLayer) and adapter_name in l}
-        (r, alpha), _ = Counter(pairs.values()).most_common(1)[0]
-        out["r"], out["lora_alpha"] = r, alpha
-        out["rank_pattern"] = {re.escape(k): pr for k, (pr, _) in pairs.items() if pr != r}
-        out["alpha_pattern"] = {re.escape(k): pa for k, (_, pa) in pairs.items() if pa != alpha}
-        out["use_dora"] = False
-    return out
+    return peft_config_json(tuner.peft_config[adapter_name], _ranks(tuner, adapter_name))
 
 
 def _grouped_ina(tuner, adapter_name: str):
@@ -165,85 +125,10 @@ def save_adapter_dir(tuner, adapter_name: str, out_dir, reference_compatible: bo
         warnings.warn(f"{out_dir}: grouped InA adapter {adapter_name!r} written for jt_lora: the InA reference code "
                       f"would take the gate's max over the whole rank of each module and compute a different model "
                       f"(use target_modules=['c_attn'] without enable_lora for a file it reads exactly)")
-    metadata = {"format": "pt", WRITER_KEY: "1"}
-    if isinstance(config, LoraConfig) and config.enable_lora is not None:
-        metadata[META_KEY] = json.dumps(config.to_dict())
-    save_safetensors(out_dir / WEIGHTS_NAME, peft_state_dict(tuner, adapter_name), metadata=metadata)
-    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(peft_config_dict(tuner, adapter_name), indent=2,
-                                                        sort_keys=True))
-    return out_dir
-
-
-def _written_by_old_jt_lora(data: dict, metadata: dict) -> bool:
-    """A file jt_lora wrote before it recorded the InA slope: its grouped-layout metadata, or a config
-    without ``layers_to_transform``, a field every PEFT release since 0.4 writes and jt_lora never did."""
-    if WRITER_KEY in metadata:
-        return False
-    return META_KEY in metadata or "layers_to_transform" not in data
-
-
-def _ina_slope(data: dict, metadata: dict, source: Path) -> Optional[float]:
-    """The slope to read an InA file with when it records none (None: recorded, or not InA)."""
-    if SLOPE_FIELD in data or not data.get("lora_inhibition"):
-        return None
-    if _written_by_old_jt_lora(data, metadata):
-        warnings.warn(f"{source}: InA adapter without {SLOPE_FIELD} (written by jt_lora before the slope was "
-                      f"recorded): using {LEGACY_INA_SLOPE}, the slope it was trained with (the InA reference uses "
-                      f"{INA_SLOPE})")
-        return LEGACY_INA_SLOPE
-    return INA_SLOPE
+    return write_adapter_dir(out_dir, config, _ranks(tuner, adapter_name), _adapter_state(tuner, adapter_name))
 
 
 # --- reading --------------------------------------------------------------------------------
-def read_adapter_files(path) -> Tuple[PeftConfig, Dict[str, np.ndarray], Optional[PeftConfig]]:
-    """(config from adapter_config.json, tensors without the ``base_model.model.`` prefix,
-    jt_lora's own config from the metadata or None)."""
-    path = Path(path)
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(f"{cfg_file}: invalid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{cfg_file}: expected a JSON object, got {type(data).__name__}")
-    native, metadata = None, {}
-    if (path / WEIGHTS_NAME).exists():
-        weights = path / WEIGHTS_NAME
-        try:
-            from safetensors import safe_open
-            with safe_open(str(weights), "np") as f:
-                metadata = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types
-            raise AdapterFileError(f"{weights}: unreadable safetensors file ({e})") from e
-    elif (path / LEGACY_WEIGHTS_NAME).exists():
-        from ..models.torch_pickle import load_torch_file
-        weights = path / LEGACY_WEIGHTS_NAME
-        state = load_torch_file(weights)
-    else:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {path}")
-    stray = [k for k in state if not k.startswith(PREFIX)]
-    if stray:
-        raise AdapterFileError(f"{weights}: keys without the '{PREFIX}' prefix PEFT writes: {stray[:4]}")
-    state = {k[len(PREFIX):]: np.asarray(v, dtype=np.float32) for k, v in state.items()}
-    slope = _ina_slope(data, metadata, cfg_file)
-    try:
-        config = config_from_dict(data if slope is None else {**data, SLOPE_FIELD: slope})
-    except (TypeError, ValueError) as e:
-        raise AdapterFileError(f"{cfg_file}: {e}") from e
-    if META_KEY in metadata:
-        try:
-            native = json.loads(metadata[META_KEY])
-            if slope is not None and SLOPE_FIELD not in native:
-                native[SLOPE_FIELD] = slope
-            native = config_from_dict(native)
-        except (TypeError, ValueError, AttributeError) as e:
-            raise AdapterFileError(f"{weights}: bad {META_KEY} metadata ({e})") from e
-    return config, state, native
-
-
 def _expected(tuner, name: str):
     """{file key (no prefix): (tensor, converter or None, shape in the file)} for an injected adapter."""
     config = tuner.peft_config[name]
@@ -256,36 +141,23 @@ def _expected(tuner, name: str):
             plan[f"{key}.lora_A.weight"] = (a, None, tuple(a.shape))
             if enable:
                 r = layer.r[name]
-                plan[f"{key}.lora_B.weight"] = (b, lambda arr, k, e=enable, r=r: _group_b(arr, e, r, k),
+                plan[f"{key}.lora_B.weight"] = (b, lambda arr, k, e=enable, r=r: group_b(arr, e, r, k),
                                                 (layer.out_features, r * sum(enable)))
             else:
                 plan[f"{key}.lora_B.weight"] = (b, None, tuple(b.shape))
         elif isinstance(layer, IA3Layer):
-            v = layer.ia3_l[name]
-            plan[f"{key}.ia3_l"] = (v, None, tuple(v.shape))
+            v, enable = layer.ia3_l[name], layer.enable_ia3[name]
+            if enable:
+                plan[f"{key}.ia3_l"] = (v, lambda arr, k, e=enable: part_vector(arr, e, k).reshape(-1, 1),
+                                        (layer.out_features, 1))
+            else:
+                plan[f"{key}.ia3_l"] = (v, None, tuple(v.shape))
         else:
             for n, p in layer.modules_to_save[name].named_parameters():
                 plan[f"{key}.{n}"] = (p, None, tuple(p.shape))
     for n, p in _bias_params(tuner, config).items():
         plan[n] = (p, None, tuple(p.shape))
     return plan
-
-
-def _group_b(full: np.ndarray, enable, r: int, key: str) -> np.ndarray:
-    """PEFT's block ``B [out, r·g]`` back to the grouped ``[part·g, r]``; the zero blocks must be zero."""
-    g, part = sum(enable), full.shape[0] // len(enable)
-    blocks, j = [], 0
-    for i, enabled in enumerate(enable):
-        rows = full[i * part:(i + 1) * part]
-        for k in range(g):
-            block = rows[:, k * r:(k + 1) * r]
-            if enabled and k == j:
-                blocks.append(block)
-            elif np.any(block != 0):
-                raise AdapterFileError(f"{key}: block (part {i}, group {k}) must be zero for enable_lora="
-                                       f"{list(enable)} but holds non-zero values")
-        j += int(enabled)
-    return np.concatenate(blocks, axis=0)
 
 
 def assign_state(tuner, name: str, state: Dict[str, np.ndarray], source: str, peft_layout: bool = True):
@@ -320,8 +192,8 @@ def read_adapter(path, model, config: Optional[PeftConfig] = None):
     if path.is_file():
         file_config, state = _read_ms_checkpoint(model, path, config)
         return file_config, state, False
-    file_config, state, native = read_adapter_files(path)
-    return config or native or file_config, state, True
+    files = read_adapter_files(path)
+    return config or files.config, files.state, True
 
 
 def load_adapter_into(tuner, path, adapter_name: str, is_trainable: bool = False,
@@ -379,48 +251,36 @@ def _read_ms_checkpoint(model, path: Path, config: Optional[LoraConfig]):
 def from_native(model, adapter_name: str = "default"):
     """Turn a GPT2LMModel built with its own adapter (``adapter='lora'|'ina'|'ia3'``, e.g. trained by
     ``jt_lora.train``) into an equivalent ``PeftModel``, in place: the native layers become plain
-    base layers holding the same weights, and the adapter tensors move into a PEFT-style adapter.
-
-    LoRA / InA on ``c_attn`` becomes ``LoraConfig(target_modules=('c_attn',), enable_lora=...)``;
-    (IA)³ becomes ``IA3Config`` on ``c_attn`` (vector of ones on the parts it leaves alone) and
-    ``mlp.c_proj`` (feed-forward).
+    base layers holding the same (unmerged) weights, and the adapter tensors move into a PEFT-style
+    adapter with the same config ``save_adapter`` writes. The train/eval mode is kept.
     """
-    from ..nn.ia3 import IA3Linear
-    from ..nn.lora import Linear, MergedLinear
+    from ..models.native_adapter import native_adapter_config
+    from ..nn.lora import Linear
     from .model import PeftModel
     from .tuner import _set_child
 
-    cfg = model.config
-    if cfg.adapter == "none":
-        raise ValueError("the model has no native adapter; use get_peft_model(model, config)")
-    model.train()  # unmerged: base weights as trained, adapters separate
+    training = model.training
+    config, layers = native_adapter_config(model)
     tensors = {}
-    for key, m in list(model.named_modules()):
-        if isinstance(m, (MergedLinear, IA3Linear)) or (isinstance(m, Linear) and m.r > 0):
-            base = Linear(m.in_features, m.out_features, fan_in_fan_out=m.fan_in_fan_out, bias=m.bias is not None)
-            base.weight, base.bias = m.weight, m.bias
-            if isinstance(m, IA3Linear):
-                tensors[key] = ("ia3", m.scale_vector().numpy(), m.feedforward)
-            else:
-                tensors[key] = ("lora", m.lora_A.numpy(), m.lora_B.numpy())
-            _set_child(model, key, base)
-    model.config = model.transformer.config = cfg.replace(adapter="none")
-    if cfg.adapter == "ia3":
-        ff = tuple(k for k, t in tensors.items() if t[2])
-        config = IA3Config(target_modules=tuple(tensors), feedforward_modules=ff, fan_in_fan_out=True)
-    else:
-        config = LoraConfig(r=cfg.lora_attn_dim, lora_alpha=cfg.lora_attn_alpha, lora_dropout=cfg.lora_dropout,
-                            lora_inhibition=cfg.lora_inhibition if cfg.adapter == "ina" else 0.0,
-                            lora_inhibition_slope=cfg.lora_inhibition_slope,
-                            target_modules=tuple(tensors), enable_lora=cfg.lora_enable, fan_in_fan_out=True)
-    peft_model = PeftModel(model, config, adapter_name)
+    for key, m in layers:
+        if m.merged:
+            m.unmerge()  # this layer is discarded; the model's mode is not touched
+        base = Linear(m.in_features, m.out_features, fan_in_fan_out=m.fan_in_fan_out, bias=m.bias is not None)
+        base.weight, base.bias = m.weight, m.bias
+        tensors[key] = (m.ia3_l.numpy(),) if hasattr(m, "ia3_l") else (m.lora_A.numpy(), m.lora_B.numpy())
+        _set_child(model, key, base)
+    model.config = model.transformer.config = model.config.replace(adapter="none")
+    targets = {"target_modules": tuple(tensors)}
+    if isinstance(config, IA3Config):
+        targets["feedforward_modules"] = tuple(k for k, m in layers if m.feedforward)
+    peft_model = PeftModel(model, config.replace(**targets), adapter_name)
     tuner = peft_model.base_model
     for key, layer in tuner.tuner_layers():
-        kind, *values = tensors[key]
-        if kind == "ia3":
-            vec, ff = values
-            assign(layer.ia3_l[adapter_name], vec.reshape((1, -1) if ff else (-1, 1)))
+        values = tensors[key]
+        if len(values) == 1:
+            assign(layer.ia3_l[adapter_name], values[0].reshape(layer.ia3_l[adapter_name].shape))
         else:
             assign(layer.lora_A[adapter_name].weight, values[0])
             assign(layer.lora_B[adapter_name].weight, values[1])
+    peft_model._set_mode(training)
     return peft_model

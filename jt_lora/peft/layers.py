@@ -20,8 +20,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..backend import jt, nn
-from ..nn.lora import INA_SLOPE, InhibitionGate, kaiming_uniform
+from ..nn.ia3 import ia3_scaled, ia3_vector
+from ..nn.lora import INA_SLOPE, ExactMerge, InhibitionGate, block_b, kaiming_uniform, lora_delta, lora_update, \
+    lora_variant
 from ..nn.modes import AdapterModule
+from ..nn.modes import assign_keep_trainable as assign
 
 __all__ = ["ModuleDict", "ParameterDict", "LoraWeight", "TunerLayer", "LoraLayer", "IA3Layer",
            "ModulesToSaveWrapper", "linear_info", "assign", "clone_module"]
@@ -80,14 +83,6 @@ def linear_info(module) -> Optional[Tuple[int, int, bool]]:
     return None
 
 
-def assign(var, value):
-    """Overwrite a tensor's value in place, keeping whether it is frozen."""
-    frozen = var.is_stop_grad()
-    var.update(value.detach() if isinstance(value, jt.Var) else jt.array(value))
-    if frozen:
-        var.stop_grad()
-
-
 def clone_module(module):
     """A deep copy with fresh tensors (frozen state kept); Jittor modules carry no deepcopy of their own."""
     new = copy.copy(module)
@@ -103,8 +98,9 @@ def clone_module(module):
     return new
 
 
-class TunerLayer(AdapterModule):
-    """What every tuner layer shares: the base layer, active/merged bookkeeping, exact unmerge."""
+class TunerLayer(ExactMerge, AdapterModule):
+    """What every tuner layer shares: the base layer, active/merged bookkeeping, exact unmerge
+    (``ExactMerge``, the same bookkeeping as the loralib-style layers, on ``base_layer``)."""
 
     adapter_layer_names: Tuple[str, ...] = ()
 
@@ -118,7 +114,9 @@ class TunerLayer(AdapterModule):
         self.active_adapters: List[str] = []
         self.merged_adapters: List[str] = []
         self.disabled = False
-        self._backup = None  # (weight, bias) as numpy before the first merge
+
+    def _dense(self):
+        return self.base_layer
 
     @property
     def merged(self) -> bool:
@@ -157,23 +155,13 @@ class TunerLayer(AdapterModule):
         raise NotImplementedError
 
     def apply_merge(self, names: Sequence[str], weight, bias):
-        base = self.base_layer
-        if self._backup is None:
-            self._backup = (base.weight.numpy().copy(), None if base.bias is None else base.bias.numpy().copy())
-        assign(base.weight, weight)
-        if bias is not None and base.bias is not None:
-            assign(base.bias, bias)
+        self._save_unmerged()
+        self._assign_dense(weight, bias)
         self.merged_adapters.extend(names)
 
     def unmerge(self):
         """Restore the weights saved at the first merge: bit-identical to before merging."""
-        if self._backup is None:
-            return
-        weight, bias = self._backup
-        assign(self.base_layer.weight, weight)
-        if bias is not None:
-            assign(self.base_layer.bias, bias)
-        self._backup = None
+        self._restore_unmerged()
         self.merged_adapters = []
 
     def _pending(self) -> List[str]:
@@ -181,19 +169,6 @@ class TunerLayer(AdapterModule):
         if self.disabled:
             return []
         return [n for n in self.active_adapters if n not in self.merged_adapters]
-
-
-def _expand_groups(b, enable: Sequence[bool], r: int):
-    """Grouped ``B [part·g, r]`` as the full ``[part·len(enable), r·g]``: block-diagonal over enabled parts."""
-    g = sum(enable)
-    part = b.shape[0] // g
-    rows, j = [], 0
-    for enabled in enable:
-        cols = [b[j * part:(j + 1) * part] if enabled and k == j else jt.zeros((part, r), dtype=b.dtype)
-                for k in range(g)]
-        rows.append(jt.concat(cols, dim=1) if g > 1 else cols[0])
-        j += int(enabled)
-    return jt.concat(rows, dim=0)
 
 
 class LoraLayer(TunerLayer):
@@ -238,7 +213,7 @@ class LoraLayer(TunerLayer):
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
         self.lora_dropout[name] = float(lora_dropout)
         self.enable_lora[name] = enable
-        self.gate[name] = InhibitionGate(lora_inhibition, lora_inhibition_slope)
+        self.gate[name] = lora_variant(lora_inhibition, lora_inhibition_slope)
 
     def _forget(self, name):
         for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.enable_lora, self.gate):
@@ -250,17 +225,12 @@ class LoraLayer(TunerLayer):
 
     def full_b(self, name):
         """``lora_B`` as ``[out, r·g]`` (grouped adapters spread into zero blocks)."""
-        b = self.lora_B[name].weight
-        enable = self.enable_lora[name]
-        return _expand_groups(b, enable, self.r[name]) if enable else b
+        return block_b(self.lora_B[name].weight, self.enable_lora[name], self.r[name])
 
     def get_delta_weight(self, name):
         """``scaling · B·A`` in the base weight's layout (``[in, out]`` when fan_in_fan_out)."""
-        if self.gate[name].inhibition > 0.0:
-            raise ValueError(f"adapter {name!r} is InA (lora_inhibition={self.gate[name].inhibition}): its update is "
-                             "non-linear in x, so it has no weight delta and cannot be merged")
-        d = jt.matmul(self.full_b(name), self.lora_A[name].weight) * self.scaling[name]  # [out, in]
-        return d.transpose() if self.fan_in_fan_out else d
+        return lora_delta(self.lora_A[name].weight, self.full_b(name), self.scaling[name], self.fan_in_fan_out,
+                          self.gate[name], f"adapter {name!r}")
 
     def merged_state(self, names):
         w = self.base_layer.weight
@@ -269,12 +239,8 @@ class LoraLayer(TunerLayer):
         return w, None
 
     def lora_forward(self, name, x):
-        p = self.lora_dropout[name]
-        if p > 0 and self.training:
-            x = nn.dropout(x, p, is_train=True)
-        h = nn.matmul_transpose(x, self.lora_A[name].weight)  # [..., r·g]
-        h = self.gate[name](h, self.groups(name))
-        return nn.matmul_transpose(h, self.full_b(name)) * self.scaling[name]  # [..., out]
+        return lora_update(x, self.lora_A[name].weight, self.full_b(name), self.scaling[name], self.gate[name],
+                           self.groups(name), self.lora_dropout[name], self.training)
 
     def execute(self, x):
         y = self.base_layer(x)
@@ -286,7 +252,8 @@ class LoraLayer(TunerLayer):
 class IA3Layer(TunerLayer):
     """(IA)³ vectors on one dense layer, in PEFT's shapes: ``ia3_l [out, 1]`` rescales the output
     (and the bias), or ``[1, in]`` on a feed-forward layer rescales the input. Several active
-    adapters multiply, as in PEFT."""
+    adapters multiply, as in PEFT. With ``enable_ia3`` (jt_lora's per-part mask, as ``enable_lora``)
+    a fused output keeps only the enabled parts' entries (``[part·g, 1]``); the others are ones."""
 
     adapter_layer_names = ("ia3_l",)
 
@@ -294,31 +261,41 @@ class IA3Layer(TunerLayer):
         super().__init__(base_layer)
         self.is_feedforward = bool(is_feedforward)
         self.ia3_l = ParameterDict()
+        self.enable_ia3: Dict[str, Optional[Tuple[bool, ...]]] = {}
 
-    def update_layer(self, name: str, init_ia3_weights: bool = True):
-        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+    def update_layer(self, name: str, init_ia3_weights: bool = True, enable_ia3: Optional[Sequence[bool]] = None):
+        """Add adapter ``name``; ``enable_ia3`` applies only to an output-side vector of a fused layer
+        (``out == len(enable_ia3)·in``), as ``enable_lora`` does."""
+        n_in, n_out = self.in_features, self.out_features
+        enable = tuple(enable_ia3) if enable_ia3 is not None and not self.is_feedforward \
+            and n_out == len(enable_ia3) * n_in and not all(enable_ia3) else None
+        size = n_out // len(enable) * sum(enable) if enable else n_out
+        shape = (1, n_in) if self.is_feedforward else (size, 1)
         value = np.ones(shape) if init_ia3_weights else np.random.normal(1.0, 0.1, shape)
         self.ia3_l[name] = jt.array(value.astype("float32"))
+        self.enable_ia3[name] = enable
+
+    def _forget(self, name):
+        self.enable_ia3.pop(name, None)
+
+    def full_vector(self, name):
+        """Adapter ``name``'s vector over the whole axis (``[in]`` or ``[out]``; ones on parts left alone)."""
+        enable = self.enable_ia3.get(name)
+        return ia3_vector(self.ia3_l[name], enable, self.out_features // len(enable) if enable else 0)
 
     def get_scaling_vector(self, names: Sequence[str]):
-        """Product of the named vectors, flattened to ``[in]`` or ``[out]``; the one function that
-        defines what the adapters do, used by forward and merge."""
+        """Product of the named vectors over the whole axis; the one function that defines what the
+        adapters do, used by forward and merge."""
         vec = None
         for name in names:
-            v = self.ia3_l[name].reshape(-1)
+            v = self.full_vector(name)
             vec = v if vec is None else vec * v
         return vec
 
     def merged_state(self, names):
-        vec = self.get_scaling_vector(names)
-        out_axis = 1 if self.fan_in_fan_out else 0
-        axis = 1 - out_axis if self.is_feedforward else out_axis
-        shape = [1, 1]
-        shape[axis] = -1
         base = self.base_layer
-        weight = base.weight * vec.reshape(shape)
-        bias = base.bias * vec if base.bias is not None and not self.is_feedforward else None
-        return weight, bias
+        return ia3_scaled(base.weight, base.bias, self.get_scaling_vector(names), self.fan_in_fan_out,
+                          self.is_feedforward)
 
     def execute(self, x):
         pending = self._pending()

@@ -488,11 +488,14 @@ class IA3Model(BaseTuner):
         return IA3Layer(module, self._is_feedforward(config, key))
 
     def _update_layer(self, layer, adapter_name, config: IA3Config, key):
-        layer.update_layer(adapter_name, config.init_ia3_weights)
+        layer.update_layer(adapter_name, config.init_ia3_weights, config.enable_ia3)
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str):
         """A new adapter whose vectors are ``Σ w_i·l_i`` over the adapters present in each layer (PEFT)."""
         self._check_weighted(adapters, weights, adapter_name)
+        enables = {self.peft_config[a].enable_ia3 for a in adapters}
+        if len(enables) > 1:
+            raise ValueError(f"cannot combine (IA)³ adapters with different enable_ia3: {sorted(enables, key=str)}")
         config = self.peft_config[adapters[0]].replace(
             target_modules=self._combined_targets(adapters),
             feedforward_modules=self._combined_targets(adapters, "feedforward_modules"))

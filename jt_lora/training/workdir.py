@@ -30,7 +30,7 @@ __all__ = ["RUN_FILE", "STATE_FILE", "OPTIM_FILE", "RESULT_FLAGS", "OutputError"
 RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.safetensors"
-ADAPTER_FILES = ("jt_lora_adapter.json", "jt_lora_adapter.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")   # models/adapter_files.py: the one format
 FULL_MODEL_DIR = "model"   # full fine-tuning: the whole model as a HF GPT-2 directory
 # Names a training run writes into its work_dir; any of them means the directory holds a run.
 _RUN_NAMES = (RUN_FILE, "train_config.json", "log.jsonl", "adapter", FULL_MODEL_DIR, "base", "loss_curve.png")
