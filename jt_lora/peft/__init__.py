@@ -7,9 +7,9 @@ the same logits, and ``PeftModel.from_pretrained`` reads PEFT's directories
 and microsoft/LoRA checkpoints. See ``model.py`` for a tour.
 """
 from .config import IA3Config, LoraConfig, PeftConfig
-from .interop import AdapterFileError, from_native
+from .interop import AdapterFileError
 from .layers import IA3Layer, LoraLayer, ModulesToSaveWrapper
-from .model import PeftModel, get_peft_model
+from .model import PeftModel, from_native, get_peft_model
 from .tuner import IA3Model, LoraModel
 
 __all__ = ["LoraConfig", "IA3Config", "PeftConfig", "PeftModel", "get_peft_model", "LoraModel", "IA3Model",

@@ -29,7 +29,7 @@ from .layers import IA3Layer, LoraLayer, assign
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFileError", "peft_state_dict", "peft_config_dict",
            "save_adapter_dir", "read_adapter", "read_adapter_files", "assign_state", "load_adapter_into",
-           "from_native", "MS_DEFAULT_ALPHA", "check_reference_compatible"]
+           "MS_DEFAULT_ALPHA", "check_reference_compatible"]
 
 MS_DEFAULT_ALPHA = 32.0  # microsoft/LoRA's GPT-2 E2E recipe (--lora_dim 4 --lora_alpha 32); not in its files
 
@@ -248,39 +248,3 @@ def _read_ms_checkpoint(model, path: Path, config: Optional[LoraConfig]):
 
 
 # --- native jt_lora adapters ------------------------------------------------------------------
-def from_native(model, adapter_name: str = "default"):
-    """Turn a GPT2LMModel built with its own adapter (``adapter='lora'|'ina'|'ia3'``, e.g. trained by
-    ``jt_lora.train``) into an equivalent ``PeftModel``, in place: the native layers become plain
-    base layers holding the same (unmerged) weights, and the adapter tensors move into a PEFT-style
-    adapter with the same config ``save_adapter`` writes. The train/eval mode is kept.
-    """
-    from ..models.native_adapter import native_adapter_config
-    from ..nn.lora import Linear
-    from .model import PeftModel
-    from .tuner import _set_child
-
-    training = model.training
-    config, layers = native_adapter_config(model)
-    tensors = {}
-    for key, m in layers:
-        if m.merged:
-            m.unmerge()  # this layer is discarded; the model's mode is not touched
-        base = Linear(m.in_features, m.out_features, fan_in_fan_out=m.fan_in_fan_out, bias=m.bias is not None)
-        base.weight, base.bias = m.weight, m.bias
-        tensors[key] = (m.ia3_l.numpy(),) if hasattr(m, "ia3_l") else (m.lora_A.numpy(), m.lora_B.numpy())
-        _set_child(model, key, base)
-    model.config = model.transformer.config = model.config.replace(adapter="none")
-    targets = {"target_modules": tuple(tensors)}
-    if isinstance(config, IA3Config):
-        targets["feedforward_modules"] = tuple(k for k, m in layers if m.feedforward)
-    peft_model = PeftModel(model, config.replace(**targets), adapter_name)
-    tuner = peft_model.base_model
-    for key, layer in tuner.tuner_layers():
-        values = tensors[key]
-        if len(values) == 1:
-            assign(layer.ia3_l[adapter_name], values[0].reshape(layer.ia3_l[adapter_name].shape))
-        else:
-            assign(layer.lora_A[adapter_name].weight, values[0])
-            assign(layer.lora_B[adapter_name].weight, values[1])
-    peft_model._set_mode(training)
-    return peft_model
