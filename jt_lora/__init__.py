@@ -14,7 +14,7 @@ _EXPORTS = {
     "IA3Linear": "nn.ia3",
     "mark_only_adapter_as_trainable": "nn.adapters", "adapter_state_dict": "nn.adapters",
     "trainable_parameters": "nn.adapters", "count_parameters": "nn.adapters",
-    "save_adapter": "models.saving", "load_adapter": "models.saving",
+    "save_adapter": "models.saving", "load_adapter": "models.saving", "load_model": "models.loading",
     "LoraConfig": "peft", "IA3Config": "peft", "get_peft_model": "peft", "PeftModel": "peft",
     "from_native": "peft",
 }

@@ -62,14 +62,14 @@ def _median_rate(fn, tokens, steps, warmup):
 
 def bench_jittor(args) -> dict:
     from .backend import jt, device_name
-    from .models.gpt2 import GPT2Config, GPT2LMModel
+    from .models.loading import load_model
     if args.adapter == "full":   # full fine-tuning: the plain model, every weight trained
-        adapter = dict(adapter="none")
+        adapter = dict(adapter_type="none")
     else:
-        adapter = dict(adapter=args.adapter, lora_attn_dim=4, lora_attn_alpha=32, lora_dropout=0.0,
+        adapter = dict(adapter_type=args.adapter, lora_attn_dim=4, lora_attn_alpha=32, lora_dropout=0.0,
                        lora_inhibition=0.3 if args.adapter == "ina" else 0.0)
     np.random.seed(0)
-    model = GPT2LMModel(GPT2Config.from_card(args.model, **adapter))
+    model = load_model(None, training=True, card=args.model, **adapter)
     if args.adapter == "full":
         if args.mode != "train":
             raise ValueError("--adapter full is a training workload (--mode train)")

@@ -10,7 +10,9 @@ import pytest
 
 from jt_lora import GPT2Config, GPT2LMModel
 from jt_lora.backend import jt
-from jt_lora.generation.beam import BeamSettings, beam_search, main, read_predictions
+from jt_lora.generate import main
+from jt_lora.generation.beam import BeamSettings, beam_search
+from jt_lora.generation.predictions import read_predictions
 
 TINY = dict(vocab_size=97, n_positions=64, n_embd=16, n_layer=2, n_head=4)
 PROMPTS = [[5, 17, 3], [40, 2, 9, 88, 61, 7, 13], [71], [12, 12, 50, 4, 33]]
@@ -316,7 +318,7 @@ def test_cli_errors_name_the_missing_file(saved, capsys):
 
 def test_decoded_text_cut_like_gpt2_decode():
     from jt_lora.io.assets import try_find_asset
-    from jt_lora.generation.beam import _text
+    from jt_lora.generation.predictions import decoded_text as _text
     from jt_lora.models.tokenizer import load_tokenizer
     if try_find_asset("gpt2-vocab") is None:
         pytest.skip("gpt2-vocab asset not available")
@@ -378,7 +380,7 @@ def _cli_main(root, out, *extra):
     (("--batch_size", "0"), r"--batch_size must be >= 1, got 0"),
     (("--beam", "0"), r"--beam must be >= 1, got 0"),
     (("--eval_len", "0"), r"--eval_len must be >= 1, got 0"),
-    (("--lora_alpha", "128"), r"--lora_alpha 128.0 contradicts lora_attn_alpha=32.0 in .*jt_lora_adapter.json"),
+    (("--lora_alpha", "128"), r"--lora_alpha 128.0 contradicts lora_attn_alpha=32.0 in .*(jt_lora_adapter|adapter_config).json"),
     (("--lora_inhibition", "0.3"), r"--lora_inhibition 0.3 contradicts lora_inhibition=0.0"),
 ])
 def test_overwrite_with_a_bad_flag_keeps_the_complete_file(saved, capsys, flags, pattern):
@@ -393,7 +395,7 @@ def test_overwrite_with_a_bad_flag_keeps_the_complete_file(saved, capsys, flags,
 
 
 def test_overwrite_replaces_only_when_complete(saved, monkeypatch, capsys):
-    import jt_lora.generation.beam as G
+    import jt_lora.generate as G
     root, _ = saved
     assert _cli_main(root, "ow.jsonl") == 0
     before = (root / "ow.jsonl").read_bytes()
@@ -417,22 +419,22 @@ def test_overwrite_replaces_only_when_complete(saved, monkeypatch, capsys):
 
 
 def test_enospc_while_appending_keeps_finished_batches(saved, monkeypatch, capsys):
-    import jt_lora.generation.beam as G
+    import jt_lora.generation.predictions as G
     root, _ = saved
-    real, calls = G._append_records, []
+    real, calls = G.append_records, []
 
     def append(f, records):
         calls.append(1)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", f.name)
         real(f, records)
-    monkeypatch.setattr(G, "_append_records", append)
+    monkeypatch.setattr(G, "append_records", append)
     assert _cli_main(root, "full.jsonl") == 1
     err = capsys.readouterr().err
     assert "full.jsonl: No space left on device" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
     assert len(_lines(root / "full.jsonl")) == 2            # the first batch (2 prompts) is kept
-    monkeypatch.setattr(G, "_append_records", real)
+    monkeypatch.setattr(G, "append_records", real)
     assert _cli_main(root, "full.jsonl") == 0 and len(_lines(root / "full.jsonl")) == 6   # resumes
 
 
@@ -460,5 +462,5 @@ def test_help_prints_each_default_once():
 
 
 def build_help():
-    from jt_lora.generation.beam import build_parser
+    from jt_lora.generate import build_parser
     return build_parser().format_help()

@@ -129,7 +129,7 @@ def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.
     """Per layer: attention probabilities [B, H, T, T] and each head's write to the residual
     stream [B, H, T, C] (its attention-weighted values through its rows of ``c_proj``, without the
     bias). The residual stream itself comes from the model's own blocks, unmasked."""
-    from ..models.gpt2 import causal_mask
+    from ..models.kv_cache import PlainCache
 
     tr = model.transformer
     b, t = input_ids.shape
@@ -137,12 +137,13 @@ def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.
     ids = jt.array(input_ids.astype(np.int32))
     with jt.no_grad():
         x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
-        bias_mask = causal_mask(t, 0)
+        cache = PlainCache()                 # no past: plain causal attention
+        cache.start(t, None, inspect=True)
         one_hot = _head_one_hot(n_head, width)
-        for block in tr.h:
+        for i, block in enumerate(tr.h):
             attn = block.attn
             v = attn._split(attn.c_attn(block.ln_1(x))[:, :, 2 * width:3 * width])   # [B, H, T, D]
-            x_next, _, probs = block(x, None, bias_mask, None, None, True)
+            x_next, probs = block(x, cache, i, None, None, True)
             mixed = jt.matmul(probs, v).transpose(0, 2, 1, 3).reshape(1, b, t, width)  # [1, B, T, C]
             per_head = attn.c_proj((mixed * one_hot).reshape(n_head * b, t, width))
             per_head = per_head - attn.c_proj(jt.zeros((1, 1, width), dtype="float32"))
@@ -164,7 +165,7 @@ def embedding_head_values(model, input_ids: np.ndarray) -> Iterator[Tuple[np.nda
     [B, H, T, T] and output vectors [B, H, T, C], both computed from ``ln_1`` of the token +
     position embeddings (not the residual stream); the output at ``j`` is the head's value at ``j``
     through its rows of ``c_proj``, bias included."""
-    from ..models.gpt2 import causal_mask
+    from ..models.kv_cache import PlainCache
 
     tr = model.transformer
     b, t = input_ids.shape
@@ -172,12 +173,13 @@ def embedding_head_values(model, input_ids: np.ndarray) -> Iterator[Tuple[np.nda
     ids = jt.array(input_ids.astype(np.int32))
     with jt.no_grad():
         x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
-        bias_mask = causal_mask(t, 0)
+        cache = PlainCache()                 # no past: plain causal attention
+        cache.start(t, None, inspect=True)
         one_hot = _head_one_hot(n_head, width)
-        for block in tr.h:
+        for i, block in enumerate(tr.h):
             attn = block.attn
             hs = block.ln_1(x)
-            _, _, probs = attn(hs, None, bias_mask, None, True)                        # [B, H, T, T]
+            _, probs = attn(hs, cache, i, None, True)                                  # [B, H, T, T]
             v = attn.c_attn(hs)[:, :, 2 * width:3 * width].reshape(1, b, t, width)    # [1, B, T, C]
             per_head = attn.c_proj((v * one_hot).reshape(n_head * b, t, width))       # bias included
             yield probs.numpy(), per_head.reshape(n_head, b, t, width).transpose(1, 0, 2, 3).numpy()

@@ -79,21 +79,22 @@ def check_adapter_flags(adapter_dir, meta: dict, flags: Dict[str, object]) -> No
     Raises:
         ValueError: naming the flag, the config file and both values.
     """
-    from ..models.saving import ADAPTER_CONFIG
+    from ..models.loading import adapter_config_file
 
+    config_file = adapter_config_file(adapter_dir)
     for flag, value in flags.items():
         field = ADAPTER_FLAGS[flag]
         if field == "slope":
             field = _slope_field(meta)
         if field is None or field not in meta:
-            raise ValueError(f"{flag} {value}: {Path(adapter_dir) / ADAPTER_CONFIG} does not record it; "
+            raise ValueError(f"{flag} {value}: {config_file} does not record it; "
                              f"drop {flag} (the adapter directory's config decides)")
         recorded = meta[field]
         same = (float(recorded) == float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
                 else recorded == value)
         if not same:
             raise ValueError(f"{flag} {value} contradicts {field}={recorded!r} in "
-                             f"{Path(adapter_dir) / ADAPTER_CONFIG}; drop {flag} (the adapter's config decides)")
+                             f"{config_file}; drop {flag} (the adapter's config decides)")
 
 
 def load_model(spec: ModelSpec, flags: Optional[Dict[str, object]] = None):
@@ -107,31 +108,21 @@ def load_model(spec: ModelSpec, flags: Optional[Dict[str, object]] = None):
         ValueError: the files do not hold a GPT-2 / an adapter that fits the checkpoint (the
             message names the file).
     """
-    from ..models.gpt2 import GPT2LMModel
-    from ..models.saving import ADAPTER_FIELDS, load_adapter, read_adapter_config
+    from ..models.loading import adapter_config_file
+    from ..models.loading import load_model as build
+    from ..models.saving import read_adapter_config
 
     if not Path(spec.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {spec.checkpoint}")
-    fields = {"adapter": "none"}
     if spec.adapter_dir is not None:
         if not Path(spec.adapter_dir).is_dir():
             raise FileNotFoundError(f"adapter directory not found: {spec.adapter_dir}")
-        from ..models.saving import ADAPTER_CONFIG
-
-        read_json(Path(spec.adapter_dir) / ADAPTER_CONFIG)   # bytes and syntax, with line and column
-        meta = read_adapter_config(spec.adapter_dir)
-        check_adapter_flags(spec.adapter_dir, meta, flags or {})
-        fields = {k: (tuple(meta[k]) if isinstance(meta[k], list) else meta[k])
-                  for k in ADAPTER_FIELDS if k in meta}
-    fields["lora_dropout"] = 0.0
+        read_json(adapter_config_file(spec.adapter_dir))   # bytes and syntax, with line and column
+        check_adapter_flags(spec.adapter_dir, read_adapter_config(spec.adapter_dir), flags or {})
     config = Path(spec.checkpoint) / "config.json"
     if config.is_file():
         read_json(config)
-    model = GPT2LMModel.from_pretrained(spec.checkpoint, **fields)
-    if spec.adapter_dir is not None:
-        load_adapter(model, spec.adapter_dir)
-    model.eval()
-    return model
+    return build(spec.checkpoint, spec.adapter_dir)
 
 
 def unique_slugs(labels: List[str]) -> List[str]:

@@ -1,8 +1,13 @@
-"""The KV cache of a beam search, kept where no step has to copy it.
+"""The KV caches of a beam search, both behind the model's one cache interface (``models.kv_cache``).
 
-A beam step reorders the hypotheses, so a plain cache ``[rows, heads, T, D]`` is gathered by
-beam index and grown by one position every step: two copies of the whole cache per layer per step
-(~9% of a GPT-2 S step at 10 beams). Here nothing is copied:
+Each is built from the prompt pass's per-layer ``(k, v)`` and its key mask, and each beam step
+calls ``advance(src)`` (row ``r`` continues row ``src[r]``) before feeding one token per row:
+
+* :class:`GatheredCache`: the plain cache ``[rows, heads, T, D]`` gathered by beam index and grown
+  by one position every step, attended by the model's own dense attention. Any backend; it is what
+  the reference does, and the oracle the decode cache is tested against.
+* :class:`DecodeCache` (CPU): the gathered cache copies the whole cache twice per layer per step
+  (~9% of a GPT-2 S step at 10 beams). Here nothing is copied:
 
 * the prompt's keys and values stay as the prompt pass produced them, one copy per prompt rather
   than one per beam;
@@ -23,8 +28,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..backend import jt
+from ..models.kv_cache import KVCache, PlainCache
 
-__all__ = ["DecodeCache"]
+__all__ = ["GatheredCache", "DecodeCache"]
 
 _HEADER = r"""
 #include <cmath>
@@ -91,7 +97,40 @@ for (long long r = 0; r < R; r++) {
 """
 
 
-class DecodeCache:
+class GatheredCache(PlainCache):
+    """The plain per-layer ``(k, v)`` of a beam search, reordered by beam index every step.
+
+    Args: as :class:`DecodeCache` (``rows`` and ``steps`` are not needed: it grows as it goes).
+    """
+
+    def __init__(self, presents: Sequence[Tuple], prompt_mask: Optional[np.ndarray], rows: int = 0,
+                 steps: int = 0):
+        super().__init__(presents)
+        self.rows = presents[0][0].shape[0]
+        self.mask = None if prompt_mask is None else np.asarray(prompt_mask, np.float32)  # [rows, T]
+
+    def advance(self, src: np.ndarray) -> None:
+        """Start a step whose row ``r`` continues row ``src[r]`` (at the first step: prompt ``src[r]``)."""
+        if len(src) != self.rows or not np.array_equal(src, np.arange(len(src))):
+            idx = jt.array(np.asarray(src, np.int32))
+            self.past = [(k[idx], v[idx]) for k, v in self.past]  # [rows, H, T, D] each
+            if self.mask is not None:
+                self.mask = self.mask[src]
+        self.rows = len(src)
+        if self.mask is not None:
+            self.mask = np.concatenate([self.mask, np.ones((self.rows, 1), np.float32)], axis=1)
+
+    def start(self, t: int, attention_mask, inspect: bool) -> None:
+        if attention_mask is not None:
+            raise ValueError("a GatheredCache keeps its own key mask: pass no attention_mask")
+        super().start(t, None if self.mask is None else jt.array(self.mask), inspect)
+
+    def finish(self):
+        self.past = self.presents   # this step's keys and values are the next step's past
+        return self
+
+
+class DecodeCache(KVCache):
     """Keys and values of a beam search after its prompt pass; pass it as ``past`` to the model.
 
     Args:
@@ -139,12 +178,14 @@ class DecodeCache:
         anc = self.ancestry if self.t > 0 else np.zeros((len(src), 1), np.int32)
         self._ancestry_var = jt.array(np.ascontiguousarray(anc))
 
-    def layer(self, i: int):
-        """The callable the model's attention layer ``i`` uses: qkv ``[R, 1, 3C]`` -> ``[R, 1, C]``."""
-        return lambda qkv: self.attend(i, qkv)
+    def start(self, t: int, attention_mask, inspect: bool) -> None:
+        if t != 1 or inspect or attention_mask is not None:
+            raise ValueError("a DecodeCache takes one token per row, without head masks, attentions "
+                             "or an attention_mask (it keeps its own)")
 
-    def attend(self, layer: int, qkv):
-        """Store this step's keys and values for ``layer`` and attend: qkv ``[R, 1, 3C]`` -> ``[R, 1, C]``."""
+    def attend(self, layer: int, qkv, dense=None):
+        """Store this step's keys and values for ``layer`` and attend in one op (``dense``, the
+        model's own attention, is not used): qkv ``[R, 1, 3C]`` -> (``[R, 1, C]``, None)."""
         r, _, c3 = qkv.shape
         if r != len(self.prompt_of_row):
             raise ValueError(f"{r} rows fed, but the step was started for {len(self.prompt_of_row)}")
@@ -155,4 +196,7 @@ class DecodeCache:
                       [qkv.reshape(r, c3), self.prompt_k[layer], self.prompt_v[layer], self.prompt_mask,
                        self._rows_var, self._ancestry_var],
                       cpu_header=_HEADER, cpu_src=_SRC, data=data)
-        return out.reshape(r, 1, c3 // 3)
+        return out.reshape(r, 1, c3 // 3), None
+
+    def finish(self):
+        return self

@@ -13,11 +13,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..backend import jt, nn
-from ..generation.cache import DecodeCache
 from ..nn.ia3 import IA3Linear
 from ..nn.kernels import attention_softmax, batched_matmul, fast_path_available
 from ..nn.lora import INA_SLOPE, Linear, MergedLinear
 from ..nn.modes import AdapterModule
+from .kv_cache import KVCache, PlainCache, causal_mask
 
 __all__ = ["GPT2Config", "GPT2LMModel", "MODEL_CARDS", "ADAPTERS", "causal_mask", "lm_loss", "token_losses"]
 
@@ -141,17 +141,25 @@ class Attention(AdapterModule):
         b, t, c = x.shape
         return x.reshape(b, t, self.n_head, c // self.n_head).transpose(0, 2, 1, 3)
 
-    def execute(self, x, layer_past=None, bias_mask=None, head_mask=None, want_probs=False):
-        n = self.n_embd
+    def execute(self, x, cache: KVCache, layer: int, head_mask=None, want_probs=False):
+        """x [B, T, C] -> (out [B, T, C], probs [B, H, T, T_total] or None); the cache supplies
+        the keys and values of earlier positions and keeps this call's (``models.kv_cache``)."""
         qkv = self.c_attn(x)  # [B, T, 3C]
-        if callable(layer_past):  # a DecodeCache layer: stores k, v and attends in one op
-            a = _dropout(self, self.c_proj(layer_past(qkv)), self.resid_pdrop)
-            return a, layer_past, None
+        dense = self.dense if head_mask is None and not want_probs else \
+            (lambda qkv_, past_kv, bias_mask: self.dense(qkv_, past_kv, bias_mask, head_mask, want_probs))
+        a, probs = cache.attend(layer, qkv, dense)
+        return _dropout(self, self.c_proj(a), self.resid_pdrop), probs
+
+    def dense(self, qkv, past_kv, bias_mask, head_mask=None, want_probs=False):
+        """Masked softmax attention of ``qkv`` [B, T, 3C] over ``past_kv`` and its own keys.
+
+        Returns (a [B, T, C], (k, v) each [B, H, T_past+T, D], probs or None).
+        """
+        n = self.n_embd
         q, k, v = (self._split(qkv[:, :, i * n:(i + 1) * n]) for i in range(3))
-        if layer_past is not None:
-            k = jt.concat([layer_past[0], k], dim=2)
-            v = jt.concat([layer_past[1], v], dim=2)
-        present = (k, v)
+        if past_kv is not None:
+            k = jt.concat([past_kv[0], k], dim=2)
+            v = jt.concat([past_kv[1], v], dim=2)
         keep, add = bias_mask  # the reference's w*b - 1e10*(1-b), then softmax
         probs = attention_softmax(batched_matmul(q, k, transpose_b=True), keep, add, math.sqrt(v.shape[-1]))
         probs = _dropout(self, probs, self.attn_pdrop)
@@ -159,9 +167,7 @@ class Attention(AdapterModule):
             probs = probs * head_mask.reshape(1, -1, 1, 1)
         a = batched_matmul(probs, v)  # [B, H, Tq, D]
         b, h, t, d = a.shape
-        a = a.transpose(0, 2, 1, 3).reshape(b, t, h * d)
-        a = _dropout(self, self.c_proj(a), self.resid_pdrop)
-        return a, present, (probs if want_probs else None)
+        return a.transpose(0, 2, 1, 3).reshape(b, t, h * d), (k, v), (probs if want_probs else None)
 
 
 class MLP(AdapterModule):
@@ -181,13 +187,13 @@ class Block(AdapterModule):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def execute(self, x, layer_past=None, bias_mask=None, head_mask=None, ffn_mask=None, want_probs=False):
-        a, present, probs = self.attn(self.ln_1(x), layer_past, bias_mask, head_mask, want_probs)
+    def execute(self, x, cache: KVCache, layer: int, head_mask=None, ffn_mask=None, want_probs=False):
+        a, probs = self.attn(self.ln_1(x), cache, layer, head_mask, want_probs)
         x = x + a
         m = self.mlp(self.ln_2(x))
         if ffn_mask is not None:
             m = m * ffn_mask
-        return x + m, present, probs
+        return x + m, probs
 
 
 class Embedding(jt.Module):
@@ -211,45 +217,33 @@ class GPT2Model(AdapterModule):
         """input_ids [B, T] -> hidden [B, T, C], presents, attentions.
 
         Args:
-            past: per layer ``(k, v)``, each ``[B, H, T_past, D]`` (from a previous call), or a
-                ``DecodeCache`` (beam search on the CPU: one token per row, ``position_ids`` given).
+            past: per layer ``(k, v)``, each ``[B, H, T_past, D]`` (from a previous call), or any
+                ``models.kv_cache.KVCache`` (the beam search's caches), which then owns its mask.
             position_ids: [B, T]; default ``T_past .. T_past+T-1``.
             attention_mask: [B, T_past+T], 1 for real tokens, 0 for padding keys.
             head_mask: [n_layer, n_head] multipliers on attention probabilities.
             ffn_mask: [n_layer] multipliers on each feed-forward block's output.
+
+        Returns (hidden, presents, attentions): presents are what the cache's ``finish`` gives,
+        the per-layer ``(k, v)`` for a ``past`` given as tuples (or none).
         """
         b, t = input_ids.shape
-        decoding = isinstance(past, DecodeCache)
-        if decoding and (t != 1 or head_mask is not None or output_attentions):
-            raise ValueError("a DecodeCache takes one token per row, without head masks or attentions")
-        t_past = past.length if decoding else (0 if past is None else past[0][0].shape[2])
+        cache = past if isinstance(past, KVCache) else PlainCache(past)
+        cache.start(t, attention_mask, inspect=head_mask is not None or output_attentions)
+        t_past = cache.length
         if position_ids is None:
             position_ids = jt.arange(t_past, t_past + t).int32().reshape(1, t).broadcast((b, t))
         x = self.wte(input_ids) + self.wpe(position_ids)
         x = _dropout(self, x, self.config.embd_pdrop)
-        bias_mask = None if decoding else causal_mask(t, t_past, attention_mask)
-        presents, attentions = [], []
+        attentions = []
         for i, block in enumerate(self.h):
-            layer_past = None if past is None else (past.layer(i) if decoding else past[i])
-            x, present, probs = block(
-                x, layer_past, bias_mask,
-                None if head_mask is None else head_mask[i],
-                None if ffn_mask is None else ffn_mask[i],
-                output_attentions)
-            presents.append(present)
+            x, probs = block(x, cache, i,
+                             None if head_mask is None else head_mask[i],
+                             None if ffn_mask is None else ffn_mask[i],
+                             output_attentions)
             if output_attentions:
                 attentions.append(probs)
-        return self.ln_f(x), (past if decoding else presents), attentions
-
-
-def causal_mask(t: int, t_past: int, attention_mask=None):
-    """(keep, add) so that ``w*keep + add`` equals the reference's ``w*b - 1e10*(1-b)``."""
-    total = t_past + t
-    keep = np.tril(np.ones((total, total), dtype="float32"))[t_past:total, :total]  # [T, T_total]
-    keep = jt.array(keep).reshape(1, 1, t, total)
-    if attention_mask is not None:
-        keep = keep * attention_mask.float32().reshape(attention_mask.shape[0], 1, 1, total)
-    return keep, (keep - 1.0) * 1e10
+        return self.ln_f(x), cache.finish(), attentions
 
 
 class GPT2LMModel(AdapterModule):

@@ -1,4 +1,9 @@
-"""The model flags shared by ``jt_lora.generate`` and ``jt_lora.eval_boolq``, and how they resolve.
+"""The one way to build a model: ``load_model(base, adapter=None, **overrides)``, and the model flags
+of ``jt_lora.generate`` / ``jt_lora.eval_boolq`` that resolve to it (``build_model``).
+
+Training, generation, BoolQ evaluation, the analyses and the benchmark all build their model here,
+so the rules below hold everywhere: an adapter's own config decides its settings, the weights decide
+the shape, and the model comes back in the mode asked for (eval: adapters merged where possible).
 
 Two ways to name weights:
 
@@ -26,8 +31,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["LORA_DIM", "LORA_ALPHA", "add_model_flags", "resolve_adapter", "resolve_shape", "check_model_flags",
-           "build_model"]
+__all__ = ["LORA_DIM", "LORA_ALPHA", "load_model", "add_model_flags", "resolve_adapter", "resolve_shape",
+           "check_model_flags", "build_model"]
 
 LORA_DIM = 4         # the LoRA paper's E2E rank; jt_lora.train's default
 LORA_ALPHA = 32.0    # the LoRA paper's alpha; jt_lora.train's default
@@ -177,19 +182,105 @@ def resolve_shape(arch: dict, weights: str, args, recorded: Optional[dict] = Non
 
 def check_model_flags(args) -> dict:
     """The adapter fields the flags resolve to, checked before any weights are read (cheap)."""
-    from .saving import ADAPTER_CONFIG, ADAPTER_FIELDS, read_adapter_config
+    from .saving import ADAPTER_FIELDS, read_adapter_config
     if args.adapter_dir is None:
         return resolve_adapter(args, fields=ADAPTER_FIELDS)
     meta = read_adapter_config(args.adapter_dir)
-    return resolve_adapter(args, meta, str(Path(args.adapter_dir) / ADAPTER_CONFIG), ADAPTER_FIELDS)
+    return resolve_adapter(args, meta, str(adapter_config_file(args.adapter_dir)), ADAPTER_FIELDS)
+
+
+def adapter_config_file(adapter_dir) -> Path:
+    """The config file of an adapter directory (named in errors); its format is ``saving``'s business."""
+    try:
+        from .adapter_files import config_path
+        return Path(config_path(Path(adapter_dir)))
+    except ImportError:
+        from .saving import ADAPTER_CONFIG
+        return Path(adapter_dir) / ADAPTER_CONFIG
+
+
+def _adapter_fields(meta: dict, meta_path: str, overrides: dict) -> dict:
+    """GPT2Config's adapter fields from an adapter's config; an override may only repeat them."""
+    from .saving import ADAPTER_FIELDS
+    out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k in ADAPTER_FIELDS}
+    for k, v in overrides.items():
+        if k not in ADAPTER_FIELDS or k == "lora_dropout":
+            continue
+        name = "adapter_type" if k == "adapter" else k
+        if k not in out:
+            raise ValueError(f"{name}={v!r}: {meta_path} records no {k}; drop it (the adapter's config decides)")
+        if not _same(tuple(v) if isinstance(v, list) else v, out[k]):
+            raise ValueError(f"{name}={v!r} contradicts {k}={out[k]!r} in {meta_path}; "
+                             f"the adapter's config decides: drop {name}")
+    return out
+
+
+def load_model(base=None, adapter=None, *, training: bool = False, card: Optional[str] = None, **overrides):
+    """The one way to build a ``GPT2LMModel``: base weights, optionally an adapter directory on top.
+
+    Args:
+        base: GPT-2 weights (HF directory or file, microsoft/LoRA checkpoint); None = random init of
+            ``card`` (a pipeline demo, as ``jt_lora.train`` without ``--init_checkpoint``).
+        adapter: an adapter directory written by training / ``save_adapter``. Its config decides the
+            adapter type, rank, alpha, parts, inhibition and slope; an override may repeat a recorded
+            value, and one that contradicts it is an error naming the field and the file.
+        training: False (default): eval mode, adapters merged where possible, dropout off.
+            True: train mode (only adapter tensors trainable), dropout as configured.
+        card: ``gpt2.sm``/``md``/``lg``: the shape of a random init, or a hint for weights that do not
+            record their head count (it never overrides the weights' shapes).
+        **overrides: ``GPT2Config`` fields: a new adapter's settings when ``adapter`` is None
+            (``adapter_type="lora"|"ina"|"ia3"``, i.e. the config's ``adapter`` field, ``lora_attn_dim=4``...),
+            ``lora_dropout``, or ``n_head`` where the weights do not tell it.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file, and the field or key that is wrong.
+    """
+    from types import SimpleNamespace
+
+    from .checkpoint import _architecture, load_into_model, normalize_gpt2_keys, read_state_dict
+    from .gpt2 import GPT2Config, GPT2LMModel
+    from .saving import load_adapter, read_adapter_config
+
+    meta = None
+    if "adapter_type" in overrides:     # ``adapter`` names the directory; the config field is "adapter"
+        overrides["adapter"] = overrides.pop("adapter_type")
+    fields = dict(overrides)
+    if adapter is not None:
+        if not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter directory not found: {adapter}")
+        meta = read_adapter_config(adapter)
+        meta_path = str(adapter_config_file(adapter))
+        fields.update(_adapter_fields(meta, meta_path, overrides))
+    else:
+        fields.setdefault("adapter", "none")   # as from_pretrained and transformers: the plain GPT-2
+    if not training:
+        fields["lora_dropout"] = 0.0
+    if base is None:
+        model = GPT2LMModel(GPT2Config.from_card(card or "gpt2.sm", **fields))
+    else:
+        raw, hf_config = read_state_dict(base)
+        state = normalize_gpt2_keys(raw)
+        del raw
+        arch = _architecture(state, hf_config, base, need_heads=False)
+        hints = SimpleNamespace(n_head=fields.pop("n_head", None), model_card=card)
+        shape = resolve_shape(arch, str(base), hints, (meta or {}).get("base"), meta_path if meta else "")
+        known = set(GPT2Config.__dataclass_fields__)
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"load_model: unknown GPT2Config field(s) {unknown}")
+        model = GPT2LMModel(GPT2Config(**{**shape, **fields}))
+        load_into_model(model, state, strict=True, source=str(base))
+    if adapter is not None:
+        load_adapter(model, adapter)
+    if training:
+        model.train()
+    else:
+        model.eval()
+    return model
 
 
 def build_model(args):
     """The model the flags describe, weights loaded, in eval mode (adapters merged where possible)."""
-    from .checkpoint import _architecture, load_into_model, normalize_gpt2_keys, read_state_dict
-    from .gpt2 import GPT2Config, GPT2LMModel
-    from .saving import ADAPTER_CONFIG, ADAPTER_FIELDS, load_adapter, read_adapter_config
-
     meta = meta_path = None
     if args.adapter_dir is not None:
         if args.base_checkpoint and args.init_checkpoint:
@@ -197,23 +288,19 @@ def build_model(args):
         weights = args.base_checkpoint or args.init_checkpoint
         if weights is None:
             raise ValueError("--adapter_dir needs the base weights: --base_checkpoint (or --init_checkpoint)")
+        from .saving import ADAPTER_FIELDS, read_adapter_config
         meta = read_adapter_config(args.adapter_dir)
-        meta_path = str(Path(args.adapter_dir) / ADAPTER_CONFIG)
+        meta_path = str(adapter_config_file(args.adapter_dir))
     else:
+        from .saving import ADAPTER_FIELDS
         weights = args.init_checkpoint or args.base_checkpoint
         if weights is None:
             raise ValueError("no weights: give --init_checkpoint (or --base_checkpoint with --adapter_dir)")
-    adapter = resolve_adapter(args, meta, meta_path or "", ADAPTER_FIELDS)
-    raw, hf_config = read_state_dict(weights)
-    state = normalize_gpt2_keys(raw)
-    del raw
-    arch = _architecture(state, hf_config, weights, need_heads=False)
-    shape = resolve_shape(arch, str(weights), args, (meta or {}).get("base"), meta_path or "")
-    known = set(GPT2Config.__dataclass_fields__)
-    config = GPT2Config(**{k: v for k, v in {**shape, **adapter}.items() if k in known})
-    model = GPT2LMModel(config)
-    load_into_model(model, state, strict=True, source=str(weights))
-    if args.adapter_dir is not None:
-        load_adapter(model, args.adapter_dir)
-    model.eval()
-    return model
+    fields = resolve_adapter(args, meta, meta_path or "", ADAPTER_FIELDS)   # errors name the flags
+    if meta is not None:
+        fields = {}                            # the adapter's config decides; the flags only repeated it
+    if args.n_head is not None:
+        fields["n_head"] = args.n_head
+    if "adapter" in fields:
+        fields["adapter_type"] = fields.pop("adapter")
+    return load_model(weights, args.adapter_dir, card=args.model_card, **fields)

@@ -26,6 +26,7 @@ from .data import FTDataLoader, FTDataset
 from ..models.gpt2 import MODEL_CARDS, GPT2Config, GPT2LMModel, token_losses
 from .optim import SCHEDULERS, AdamW, clip_grad_norm, lr_lambda
 from ..io.atomic import atomic_open, atomic_write_text, replace_dir
+from ..models.loading import load_model
 from ..models.saving import load_adapter, save_adapter, save_safetensors
 from .workdir import (FULL_MODEL_DIR, OPTIM_FILE, RUN_FILE, STATE_FILE, OutputError, RunConflict, check_output_location,
                       config_differences, fingerprint, list_checkpoints, new_run_id, newest_valid_checkpoint,
@@ -212,16 +213,21 @@ def validate_args(args, inputs: bool = True) -> None:
 
 def _adapter_fields(args) -> dict:
     if args.adapter == "full":  # full fine-tuning: the plain model, every weight trained
-        return dict(adapter="none")
-    return dict(adapter=args.adapter, lora_attn_dim=args.lora_dim, lora_attn_alpha=args.lora_alpha,
+        return dict(adapter_type="none")
+    return dict(adapter_type=args.adapter, lora_attn_dim=args.lora_dim, lora_attn_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
                 lora_inhibition=args.lora_inhibition if args.adapter == "ina" else 0.0)
 
 
+def _shape_flags(args) -> dict:
+    """The shape flags of a random init (the card's values where not given)."""
+    return {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size") if getattr(args, k) is not None}
+
+
 def _model_config(args) -> GPT2Config:
     """The config of a random init: the card, with any shape flags."""
-    arch = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size") if getattr(args, k) is not None}
-    return GPT2Config.from_card(args.model_card, **arch, **_adapter_fields(args))
+    fields = _adapter_fields(args)
+    return GPT2Config.from_card(args.model_card, **_shape_flags(args), adapter=fields.pop("adapter_type"), **fields)
 
 
 def matching_card(config) -> "str | None":
@@ -261,9 +267,12 @@ def masked_loss_sum(model, batch, label_smooth: float = 0.0):
     flat_mask = mask.reshape(-1)
     where = np.nonzero(flat_mask)[0].astype("int32")
     h = hidden.reshape(b * t, hidden.shape[-1])[jt.array(where)]  # [N, C]
-    logits = model.logits(h)  # [N, V]
     targets = jt.array(batch["target"].reshape(-1)[where])
-    per_token = token_losses(logits, targets, label_smooth)
+    from ..nn.fused_loss import fused_loss_enabled, fused_token_losses
+    if fused_loss_enabled():  # tied head + loss in vocabulary chunks: never the [N, V] logits
+        per_token = fused_token_losses(h, model.transformer.wte.weight, targets, label_smooth)
+    else:  # JT_LORA_FUSED_LOSS=0, CUDA, no oneDNN
+        per_token = token_losses(model.logits(h), targets, label_smooth)  # logits [N, V]
     return (per_token * jt.array(flat_mask[where])).sum()
 
 
@@ -304,11 +313,11 @@ class Trainer:
         jt.set_seed(args.random_seed)
         if args.init_checkpoint:
             shape = {"n_head": args.n_head} if args.n_head is not None else {}
-            self.model = GPT2LMModel.from_pretrained(args.init_checkpoint, **shape, **_adapter_fields(args))
+            self.model = load_model(args.init_checkpoint, training=True, **shape, **_adapter_fields(args))
             self.base_note = f"base weights from {args.init_checkpoint}"
             self._warn_if_card_differs()
         else:
-            self.model = GPT2LMModel(_model_config(args))
+            self.model = load_model(None, training=True, card=args.model_card, **_shape_flags(args), **_adapter_fields(args))
             self.base_note = "RANDOM INIT base model (no --init_checkpoint): a pipeline demo, not a real fine-tune"
         self.config = self.model.config
         self.full = args.adapter == "full"
