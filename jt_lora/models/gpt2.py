@@ -52,8 +52,10 @@ class GPT2Config:
     lora_inhibition: float = 0.0      # InA level in [0, 1); "ina" needs > 0 to differ from LoRA
     lora_inhibition_slope: float = INA_SLOPE  # InA's leaky-ReLU slope (the InA code's, torch's default)
     lora_enable: Tuple[bool, ...] = (True, False, True)   # q, k, v parts of c_attn
-    ia3_enable: Tuple[bool, ...] = (False, True, True)    # (IA)3 rescales k and v ...
-    ia3_feedforward: bool = True                          # ... and the input of mlp.c_proj
+    # (IA)3 rescales all of c_attn's output (q, k, v: PEFT's GPT-2 default, which the InA code uses;
+    # (False, True, True) is the (IA)3 paper's k and v only) and the input of mlp.c_proj
+    ia3_enable: Tuple[bool, ...] = (True, True, True)
+    ia3_feedforward: bool = True
     merge_weights: bool = True        # merge adapters into weights on eval() when possible
 
     def __post_init__(self):

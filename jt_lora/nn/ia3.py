@@ -1,8 +1,8 @@
 """(IA)³: learned vectors that rescale a frozen projection's output parts or its input.
 
-On GPT-2, ``c_attn`` keeps q as it is and rescales k and v
-(``enable_ia3=(False, True, True)``), and ``mlp.c_proj`` rescales its input,
-the feed-forward activation (``feedforward=True``). Vectors start at ones, so
+On GPT-2 the default (both front-ends: PEFT's GPT-2 targets, which the InA code uses) rescales all
+of ``c_attn``'s output (``enable_ia3=(True, True, True)``; ``(False, True, True)`` is the (IA)³ paper's
+k and v only) and ``mlp.c_proj``'s input, the feed-forward activation (``feedforward=True``). Vectors start at ones, so
 step 0 equals the base model. Both kinds merge into the weight: an
 output-side vector scales the weight's output columns and the bias, an
 input-side one the weight's input rows. Unmerging restores the weight and

@@ -30,8 +30,8 @@ ALL_LINEAR = "all-linear"
 # PEFT's defaults for GPT-2, except that LoRA adapts only q and v of c_attn (the LoRA paper's choice).
 DEFAULT_TARGETS = {
     "LORA": {"gpt2": dict(target_modules=("c_attn",), enable_lora=(True, False, True))},
-    # (IA)³: PEFT's GPT-2 default, all of c_attn and the feed-forward input. GPT2Config(adapter="ia3")
-    # rescales only k and v (the paper's): IA3Config(enable_ia3=(False, True, True)) is that adapter.
+    # (IA)³: PEFT's GPT-2 default, all of c_attn and the feed-forward input; GPT2Config(adapter="ia3")
+    # has the same default. The (IA)³ paper's k and v only: IA3Config(enable_ia3=(False, True, True)).
     "IA3": {"gpt2": dict(target_modules=("c_attn", "mlp.c_proj"), feedforward_modules=("mlp.c_proj",))},
 }
 
