@@ -13,6 +13,17 @@ are computed) times 2, since the backward pass of a frozen base computes
 activation gradients only (no weight gradients), about one forward's worth;
 times 3 for full fine-tuning (``--adapter full``), whose backward also computes
 every weight gradient.
+
+``--mode limits`` measures what this machine can do at most, as the yardsticks for the workloads:
+the fp32 GEMM peak (GFLOP/s: Jittor's 2-D matmul, which runs oneDNN's sgemm on every thread, on
+square matrices, median of ``--steps`` runs) and the read bandwidth (GB/s: one OpenMP pass summing
+a float32 array of ``--stream_mb`` MB, far beyond the caches, median of ``--steps`` passes). A train
+run given ``--limits FILE`` (the ``--json`` line of a limits run; measured and written there first
+when FILE does not exist) adds ``pct_of_gemm_peak``: its GFLOP/s as a percentage of that peak.
+
+Peak memory: ``peak_rss_mb`` is the whole process's (model build and compiles included);
+``steps_peak_rss_mb`` is the peak over the warm-up and timed steps only (the high-water mark is
+reset before them through ``/proc/self/clear_refs``; null where that is not available).
 """
 import argparse
 import json
@@ -24,7 +35,7 @@ import time
 
 import numpy as np
 
-__all__ = ["main", "train_flops"]
+__all__ = ["main", "train_flops", "measure_limits"]
 
 
 def peak_rss_mb() -> float:
@@ -48,7 +59,22 @@ def train_flops(n_layer, n_embd, vocab, batch, seq, head_positions=None, full: b
     return (3.0 if full else 2.0) * (body + attn + head)
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_STEPS_PEAK_MB = None   # peak RSS over the last _median_rate's steps, when it could be reset
+
+
 def _median_rate(fn, tokens, steps, warmup):
+    global _STEPS_PEAK_MB
+    reset = _reset_peak_rss()
     for _ in range(warmup):
         fn()
     times = []
@@ -56,6 +82,7 @@ def _median_rate(fn, tokens, steps, warmup):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+    _STEPS_PEAK_MB = peak_rss_mb() if reset else None
     med = float(np.median(times))
     return tokens / med, med, times
 
@@ -110,6 +137,76 @@ def bench_jittor(args) -> dict:
     return {"tokens_per_s": rate, "step_s": med, "times": times, "device": device_name()}
 
 
+# One OpenMP pass over a float32 array: 16 independent accumulators per thread (vectorised under
+# Jittor's -Ofast -march=native), so the loop is bound by memory reads, not by the add latency.
+_STREAM_SRC = r"""
+const long long n = in0->num, blocks = n / 16;
+const float* x = in0_p;
+double total = 0.0;
+#pragma omp parallel reduction(+:total)
+{
+    float acc[16] = {0.f};
+    #pragma omp for schedule(static)
+    for (long long i = 0; i < blocks; i++)
+        for (int k = 0; k < 16; k++) acc[k] += x[i * 16 + k];
+    for (int k = 0; k < 16; k++) total += acc[k];
+}
+for (long long i = blocks * 16; i < n; i++) total += x[i];
+out0_p[0] = (float)total;
+"""
+
+
+def measure_limits(gemm_n: int = 3072, stream_mb: int = 1536, reps: int = 5) -> dict:
+    """This machine's fp32 GEMM peak (GFLOP/s) and read bandwidth (GB/s), medians of ``reps`` runs."""
+    from .backend import jt, device_name, onednn_available
+    rng = np.random.default_rng(0)
+    a = jt.array(rng.standard_normal((gemm_n, gemm_n), dtype=np.float32))
+    b = jt.array(rng.standard_normal((gemm_n, gemm_n), dtype=np.float32))
+    jt.sync([a, b])
+    jt.matmul(a, b).sync()   # compile and warm up
+    gemm_times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jt.matmul(a, b).sync()
+        gemm_times.append(time.perf_counter() - t)
+    del a, b
+    n = stream_mb * (1 << 20) // 4
+    x = jt.ones((n,), dtype="float32")
+    x.sync()
+    stream = lambda: jt.code((1,), "float32", [x], cpu_src=_STREAM_SRC)  # noqa: E731
+    got = stream().item()   # compile, warm up, and check every element was read
+    if abs(got - n) > 1e-6 * n:
+        raise RuntimeError(f"stream kernel summed {got}, expected {n}")
+    stream_times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        stream().sync()
+        stream_times.append(time.perf_counter() - t)
+    gemm_s, stream_s = float(np.median(gemm_times)), float(np.median(stream_times))
+    return {"gemm_gflops": 2.0 * gemm_n ** 3 / gemm_s / 1e9, "read_gbps": n * 4 / stream_s / 1e9,
+            "gemm_n": gemm_n, "stream_mb": stream_mb, "gemm_times": gemm_times, "stream_times": stream_times,
+            "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()), "onednn": onednn_available(),
+            "device": device_name(), "machine": machine_line()}
+
+
+def load_limits(path: str) -> dict:
+    """The limits JSON at ``path`` (the last JSON line of the file); measured and written there first
+    when the file does not exist."""
+    if not os.path.exists(path):
+        limits = measure_limits()
+        limits["mode"] = "limits"
+        with open(path, "w") as f:
+            f.write(json.dumps(limits) + "\n")
+        return limits
+    lines = [line for line in open(path) if line.strip().startswith("{")]
+    if not lines:
+        raise ValueError(f"{path}: no JSON line (expected the --json output of --mode limits)")
+    limits = json.loads(lines[-1])
+    if "gemm_gflops" not in limits:
+        raise ValueError(f"{path}: no gemm_gflops (expected the --json output of --mode limits)")
+    return limits
+
+
 def bench_hf(args) -> dict:
     """The same workload through transformers + PEFT, in a child process."""
     cmd = [sys.executable, "-m", "jt_lora.bench_hf", json.dumps(vars(args))]
@@ -124,7 +221,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m jt_lora.bench", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="gpt2.sm", choices=["gpt2.sm", "gpt2.md", "gpt2.lg"], help="model card")
-    p.add_argument("--mode", default="train", choices=["train", "beam"], help="workload")
+    p.add_argument("--mode", default="train", choices=["train", "beam", "limits"],
+                   help="workload, or this machine's GEMM peak and read bandwidth (limits)")
     p.add_argument("--adapter", default="lora", choices=["lora", "ina", "ia3", "full"],
                    help="adapter (r 4, alpha 32; InA inhibition 0.3), or full fine-tuning (train only)")
     p.add_argument("--batch", type=int, default=8, help="examples (train) or prompts (beam) per batch")
@@ -139,6 +237,11 @@ def build_parser():
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="also run transformers + PEFT in a child process (default: no comparison)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--limits", metavar="LIMITS_JSON", default=None,
+                   help="train: add pct_of_gemm_peak from this --mode limits --json output "
+                        "(measured and written there when the file does not exist)")
+    p.add_argument("--stream_mb", type=int, default=1536, help="limits: MB streamed for the read bandwidth")
+    p.add_argument("--gemm_n", type=int, default=3072, help="limits: size of the square GEMM")
     p.add_argument("--table", metavar="RESULTS_JSONL", default=None,
                    help="print a Markdown table of earlier --json results and exit")
     return p
@@ -201,12 +304,20 @@ def _run(args) -> int:
         print(table(args.table))
         return 0
     validate_args(args)
+    if args.mode == "limits":
+        return _run_limits(args)
+    limits = load_limits(args.limits) if args.limits and args.mode == "train" else None
     ours = bench_jittor(args)
     ours["peak_rss_mb"] = peak_rss_mb()
+    ours["steps_peak_rss_mb"] = _STEPS_PEAK_MB
     result = {"model": args.model, "mode": args.mode, "adapter": args.adapter, "batch": args.batch,
-              "tokens_per_s": ours["tokens_per_s"], "peak_rss_mb": ours["peak_rss_mb"], "jt_lora": ours}
+              "tokens_per_s": ours["tokens_per_s"], "peak_rss_mb": ours["peak_rss_mb"],
+              "steps_peak_rss_mb": _STEPS_PEAK_MB, "jt_lora": ours}
     if args.mode == "train":
         result.update(seq=args.seq, loss_fraction=args.loss_fraction, gflops=ours["gflops"])
+        if limits is not None:
+            result.update(pct_of_gemm_peak=100.0 * ours["gflops"] / limits["gemm_gflops"],
+                          gemm_peak_gflops=limits["gemm_gflops"])
     else:
         result.update(beam=args.beam, new_tokens=args.new_tokens, prompt_len=args.prompt_len)
     if args.compare == "hf":
@@ -218,6 +329,8 @@ def _run(args) -> int:
             f"peak RSS {ours['peak_rss_mb']:.0f} MB")
     if args.mode == "train":
         line += f", {ours['gflops']:.1f} GFLOP/s"
+        if "pct_of_gemm_peak" in result:
+            line += f" ({result['pct_of_gemm_peak']:.0f}% of the {result['gemm_peak_gflops']:.0f} GFLOP/s GEMM peak)"
     if "hf" in result:
         line += (f" | HF+PEFT {result['hf']['tokens_per_s']:.1f} tokens/s, {result['hf']['peak_rss_mb']:.0f} MB"
                  f" | speed-up {result['speedup_vs_hf']:.2f}x, memory {result['memory_ratio_vs_hf']:.2f}x")
@@ -226,6 +339,19 @@ def _run(args) -> int:
         print(json.dumps(result))
     else:
         print(line)
+    return 0
+
+
+def _run_limits(args) -> int:
+    from .cli import positive_int
+    positive_int("--stream_mb", args.stream_mb)
+    positive_int("--gemm_n", args.gemm_n)
+    limits = measure_limits(gemm_n=args.gemm_n, stream_mb=args.stream_mb, reps=args.steps)
+    limits["mode"] = "limits"
+    line = (f"limits ({limits['threads']} threads): fp32 GEMM peak {limits['gemm_gflops']:.1f} GFLOP/s "
+            f"(n={args.gemm_n}), read bandwidth {limits['read_gbps']:.1f} GB/s ({args.stream_mb} MB)")
+    print(line, file=sys.stderr)
+    print(json.dumps(limits) if args.json else line)
     return 0
 
 
