@@ -154,3 +154,21 @@ def test_training_step_equals_unfused(adapter, label_smooth, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(fused[2], plain[2]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_loss_equals_unfused(monkeypatch):
+    """evaluate()'s path: model.eval() freezes everything, the fused op then skips dL/dh."""
+    from jt_lora import GPT2Config, GPT2LMModel
+    from jt_lora.training.trainer import masked_loss_sum
+    np.random.seed(0)
+    model = GPT2LMModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=4,
+                                   initializer_range=0.3, adapter="lora"))
+    model.eval()
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 97, (2, 9)).astype(np.int32)
+    batch = {"input": ids, "target": np.roll(ids, -1, axis=1), "mask": (rng.random((2, 9)) < 0.7).astype(np.float32)}
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("JT_LORA_FUSED_LOSS", flag)
+        got[flag] = float(masked_loss_sum(model, batch, 0.1).item())
+    assert abs(got["1"] - got["0"]) <= 1e-5 * abs(got["0"])

@@ -270,6 +270,8 @@ def masked_loss_sum(model, batch, label_smooth: float = 0.0):
     targets = jt.array(batch["target"].reshape(-1)[where])
     from ..nn.fused_loss import fused_loss_enabled, fused_token_losses
     if fused_loss_enabled():  # tied head + loss in vocabulary chunks: never the [N, V] logits
+        if all(p.is_stop_grad() for p in model.parameters()):  # eval(): no dL/dh work in the op
+            h = h.stop_grad()
         per_token = fused_token_losses(h, model.transformer.wte.weight, targets, label_smooth)
     else:  # JT_LORA_FUSED_LOSS=0, CUDA, no oneDNN
         per_token = token_losses(model.logits(h), targets, label_smooth)  # logits [N, V]
