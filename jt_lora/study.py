@@ -314,7 +314,7 @@ class Study:
     """The stages of one study directory and their resume markers."""
 
     def __init__(self, settings: dict, out: Path, progress: bool):
-        from .models.saving import atomic_write_text
+        from .io.atomic import atomic_write_text
 
         self.s = settings
         self.out = out
@@ -572,7 +572,7 @@ def run_study(args) -> int:
     settings = _validate(args)
     out = Path(args.out)
     _check_settings(out, settings, args.force)
-    from .models.saving import atomic_write_text
+    from .io.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study_config.json", json.dumps(settings, indent=1) + "\n")

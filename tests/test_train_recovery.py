@@ -297,7 +297,7 @@ def test_shape_comes_from_the_checkpoint_and_is_recorded(data, bare_base, tmp_pa
     config = json.load(open(tmp_path / "c" / "train_config.json"))
     assert config["model_shape"] == dict(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32)
     assert config["args"]["model_card"] is None and config["args"]["model_card_given"] == "gpt2.md"
-    meta = json.load(open(tmp_path / "c" / "adapter" / saving.ADAPTER_CONFIG))
+    meta = saving.read_adapter_config(tmp_path / "c" / "adapter")   # what every reader of the adapter sees
     assert meta["base"] == dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     code, err = run(capsys, *argv(data, tmp_path / "d", "--max_step", "2", model=model + ["--n_head", "8"]))
     assert code == 0 and json.load(open(tmp_path / "d" / "train_config.json"))["model_shape"]["n_head"] == 8
