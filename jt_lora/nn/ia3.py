@@ -97,20 +97,8 @@ class IA3Linear(ExactMerge, AdapterModule):
                                        self.feedforward))
         self.merged = True
 
-    def unmerge(self):
-        """Put back the tensors saved by ``merge``: bit-identical to before (idempotent)."""
-        if not self.merged:
-            return
-        self._restore_unmerged()
-        self.merged = False
-
-    def _sync_mode(self):
-        if not self.merge_weights:
-            return
-        if self.training and self.merged:
-            self.unmerge()
-        elif not self.training and not self.merged:
-            self.merge()
+    def _merges_on_eval(self) -> bool:
+        return self.merge_weights
 
     def execute(self, x):
         self._sync_mode()

@@ -157,6 +157,29 @@ class ExactMerge:
         self._assign_dense(*self._unmerged)
         self._unmerged = None
 
+    merged = False
+
+    def _merges_on_eval(self) -> bool:
+        """Whether ``eval()`` folds the adapter in (loralib's ``merge_weights``); layers override."""
+        return False
+
+    def unmerge(self):
+        """Restore the tensors saved by ``merge`` (idempotent; exact, unlike subtracting an update or
+        dividing by a vector)."""
+        if not self.merged:
+            return
+        self._restore_unmerged()
+        self.merged = False
+
+    def _sync_mode(self):
+        """Merge in eval mode and unmerge in train mode, as loralib does."""
+        if not self._merges_on_eval():
+            return
+        if self.training and self.merged:
+            self.unmerge()
+        elif not self.training and not self.merged:
+            self.merge()
+
     def unmerged_weights(self):
         """(weight, bias) as numpy without the adapter folded in, whatever the mode: for writers that
         must not switch the model to train mode."""
@@ -215,21 +238,8 @@ class LoRALayer(ExactMerge, AdapterModule):
         self._assign_dense(self.weight + delta)
         self.merged = True
 
-    def unmerge(self):
-        """Restore the weight saved by ``merge`` (idempotent; exact, unlike subtracting the update)."""
-        if not self.merged:
-            return
-        self._restore_unmerged()
-        self.merged = False
-
-    def _sync_mode(self):
-        """Merge in eval mode and unmerge in train mode, as loralib does."""
-        if not self.merge_weights or self.r == 0:
-            return
-        if self.training and self.merged:
-            self.unmerge()
-        elif not self.training and not self.merged:
-            self.merge()
+    def _merges_on_eval(self) -> bool:
+        return self.merge_weights and self.r > 0
 
     def _init_dense(self, in_features: int, out_features: int, fan_in_fan_out: bool, bias: bool):
         """nn.Linear's init (kaiming-uniform weight, uniform bias), stored in the requested layout."""
