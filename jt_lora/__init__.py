@@ -4,7 +4,7 @@ Names are imported lazily, so tools that need no Jittor (tokenizer, data prepara
 metrics) start without paying Jittor's import; the first model-related name configures Jittor
 through ``jt_lora.backend``.
 """
-import importlib
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -21,13 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'jt_lora' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -12,7 +12,7 @@
 Head and FFN masks are inputs of ``GPT2LMModel`` itself, so every score comes from the model's own
 forward pass. Names are imported lazily: ``import jt_lora.analysis`` does not load Jittor.
 """
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "ModelSpec": "models", "load_model": "models", "example_batches": "models",
@@ -21,18 +21,9 @@ _EXPORTS = {
     "random_token_sequences": "induction", "prefix_matching_targets": "induction",
     "prefix_matching_scores": "induction", "copying_scores": "induction", "head_outputs": "induction",
     "embedding_head_values": "induction",
-    "induction_scores": "induction",
+    "induction_scores": "induction", "script_prefix_targets": "induction",
 }
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'jt_lora.analysis' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
