@@ -60,20 +60,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from jt_lora.cli import run_cli
     args = parse_args(argv)
-    try:
-        results = boolq.prepare_boolq(
-            args.out_dir, train_file=args.train, dev_file=args.dev, data_dir=args.data_dir, seq_len=args.seq_len,
-            valid_size=args.valid_size, seed=args.seed, split_by=args.split_by, template=args.template,
-            add_bos=args.add_bos, add_eos=args.add_eos, vocab_dir=args.vocab, skip_bad_lines=args.skip_bad_lines,
-            limit=args.limit, force=args.force, log=lambda m: print(m, file=sys.stderr))
-    except OSError as e:   # full disk, read-only or missing directory, a file where a directory should be
-        from jt_lora.cli import describe_os_error
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _run(args), "prepare_boolq.py")
+
+
+def _run(args) -> int:
+    """Convert; OSError (full disk, read-only, a file where a directory should be) and ValueError (bad
+    input, named by file:line) become one line through ``run_cli``."""
+    results = boolq.prepare_boolq(
+        args.out_dir, train_file=args.train, dev_file=args.dev, data_dir=args.data_dir, seq_len=args.seq_len,
+        valid_size=args.valid_size, seed=args.seed, split_by=args.split_by, template=args.template,
+        add_bos=args.add_bos, add_eos=args.add_eos, vocab_dir=args.vocab, skip_bad_lines=args.skip_bad_lines,
+        limit=args.limit, force=args.force, log=lambda m: print(m, file=sys.stderr))
     summary = {split: {k: getattr(r, k) for k in ("n_examples", "n_yes", "n_no", "n_truncated", "max_length",
                                                   "n_bad_lines", "cached")}
                for split, r in results.items()}

@@ -49,27 +49,26 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from jt_lora.cli import run_cli
     args = parse_args(argv)
+    return run_cli(lambda: _run(args), "prepare_e2e.py")
+
+
+def _run(args) -> int:
+    """Convert; OSError (full disk, read-only, a file where a directory should be) and ValueError (bad
+    input, named by file:line) become one line through ``run_cli``."""
     kwargs = dict(vocab_dir=args.vocab, add_bos=args.add_bos, add_eos=args.add_eos, text_style=args.csv_text,
                   skip_bad_lines=args.skip_bad_lines, limit=args.limit, force=args.force)
-    try:
-        if args.input:
-            result = e2e_data.convert_file(args.input, args.output, args.formatted_output, **kwargs)
-            results = {"input": result}
-            status = "cached" if result.cached else f"{result.seconds:.2f}s"
-            print(f"{result.n_examples} examples -> {result.output} ({status}, {result.n_bad_lines} bad lines skipped)")
-            for message in result.bad_lines[:3]:
-                print(f"  skipped {message}")
-        else:
-            results = e2e_data.prepare_e2e(args.out_dir, args.splits, data_dir=args.data_dir, source=args.source,
-                                           train_from_valid=args.train_from_valid, **kwargs)
-    except OSError as e:   # full disk, read-only or missing directory, a file where a directory should be
-        from jt_lora.cli import describe_os_error
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.input:
+        result = e2e_data.convert_file(args.input, args.output, args.formatted_output, **kwargs)
+        results = {"input": result}
+        status = "cached" if result.cached else f"{result.seconds:.2f}s"
+        print(f"{result.n_examples} examples -> {result.output} ({status}, {result.n_bad_lines} bad lines skipped)")
+        for message in result.bad_lines[:3]:
+            print(f"  skipped {message}")
+    else:
+        results = e2e_data.prepare_e2e(args.out_dir, args.splits, data_dir=args.data_dir, source=args.source,
+                                       train_from_valid=args.train_from_valid, **kwargs)
     for name, r in results.items():
         n_long = r.n_longer_than(args.seq_len)
         if n_long:
