@@ -13,19 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train import _synthetic  # noqa: E402  (tests/ is on sys.path)
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("transformers", reason="the reference step needs transformers + torch")
-
-
-def _synthetic(path, n, seed=0):
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            ctx = [int(x) for x in rng.integers(0, 30, rng.integers(3, 9))] + [63]
-            f.write(json.dumps({"context": ctx, "completion": [(c + 7) % 30 for c in ctx[:-1]] + [62]}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

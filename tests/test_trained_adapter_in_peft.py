@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train import _synthetic  # noqa: E402  (tests/ is on sys.path)
 
 pytest.importorskip("peft", reason="needs HF peft + torch for the reference")
 from jt_lora.backend import jt  # noqa: E402
@@ -18,22 +19,13 @@ ROOT = HERE.parent
 IDS = np.array([[1, 5, 7, 9, 11, 3, 2, 50], [4, 4, 8, 15, 16, 23, 42, 60]])
 
 
-def _synthetic(path, n=24, seed=0):
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            ctx = [int(x) for x in rng.integers(0, 30, rng.integers(3, 9))] + [63]
-            f.write(json.dumps({"context": ctx, "completion": [(c + 7) % 30 for c in ctx[:-1]] + [62]}) + "\n")
-    return path
-
-
 @pytest.mark.parametrize("adapter", ["lora", "ia3"])
 def test_trainer_adapter_loads_in_hf_peft_with_the_same_logits(tmp_path, adapter):
     np.random.seed(0)
     base = GPT2LMModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                   initializer_range=0.2, adapter="none"))
     base.save_pretrained(tmp_path / "base")
-    data = _synthetic(tmp_path / "train.jsonl")
+    data = _synthetic(tmp_path / "train.jsonl", n=24)
     run = subprocess.run([sys.executable, "-m", "jt_lora.train", "--train_data", str(data), "--init_checkpoint",
                           str(tmp_path / "base"), "--adapter", adapter, "--lora_dim", "2", "--lora_alpha", "8",
                           "--seq_len", "32", "--train_batch_size", "4", "--lr", "0.05", "--max_step", "6",
