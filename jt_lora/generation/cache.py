@@ -9,21 +9,22 @@ calls ``advance(src)`` (row ``r`` continues row ``src[r]``) before feeding one t
 * :class:`DecodeCache` (CPU): the gathered cache copies the whole cache twice per layer per step
   (~9% of a GPT-2 S step at 10 beams). Here nothing is copied:
 
-* the prompt's keys and values stay as the prompt pass produced them, one copy per prompt rather
-  than one per beam;
-* the keys and values of generated tokens go to a preallocated host buffer, slot ``s`` holding
-  what row ``j`` fed at step ``s``; each row keeps its ancestry (the row it descended from at every
-  earlier step), a few integers per step;
-* one fused op per layer writes this step's keys and values and attends over the prompt and the
-  row's ancestry: ``softmax(q·k / sqrt(D))·v`` with padded prompt keys scored ``-1e10``, as the
-  reference's masked attention does.
+  - the prompt's keys and values stay as the prompt pass produced them, one copy per prompt rather
+    than one per beam;
+  - the keys and values of generated tokens go to a preallocated host buffer, slot ``s`` holding
+    what row ``j`` fed at step ``s``; each row keeps its ancestry (the row it descended from at
+    every earlier step), a few integers per step;
+  - one fused op per layer writes this step's keys and values and attends over the prompt and the
+    row's ancestry: ``softmax(q·k / sqrt(D))·v`` with padded prompt keys scored ``-1e10``, as the
+    reference's masked attention does.
 
-The buffer is numpy memory owned by the cache; the op receives its address as run-time data, so
-Jittor compiles the op once. CPU only: on CUDA the model's own cache path runs.
+  The buffer is numpy memory owned by the cache; the op receives its address as run-time data, so
+  Jittor compiles the op once. CPU only (where the few-row kernels exist): elsewhere the beam
+  search takes the gathered cache (``generation.steppers.make_stepper``).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
