@@ -351,7 +351,7 @@ def test_labels_become_unique_directory_names():
 
 def test_adapter_settings_come_from_the_adapter_config(files, tmp_path, capsys):
     """Flags may repeat the adapter directory's config; a contradiction names flag and file."""
-    config = files / "ina30" / "jt_lora_adapter.json"
+    config = files / "ina30" / "adapter_config.json"
     common = ["induction", "--init_checkpoint", str(files / "base"), "--adapter_dir", str(files / "ina30"),
               "--num_sequences", "1", "--segment_len", "3", "--repeats", "2", "--exclude_ratio", "0"]
     assert _run(*common, "--out", str(tmp_path / "ok"), "--adapter", "ina", "--lora_dim", "2",
@@ -478,7 +478,7 @@ def test_non_utf8_and_invalid_json_inputs_name_file_line_and_column(files, tmp_p
 
     adapter = tmp_path / "adapter"
     shutil.copytree(files / "ina30", adapter)
-    config = adapter / "jt_lora_adapter.json"
+    config = adapter / "adapter_config.json"
     lines = config.read_text().splitlines()
     lines[2] = lines[2].rstrip(",")                                 # a missing comma on line 3
     config.write_text("\n".join(lines) + "\n")
