@@ -108,7 +108,10 @@ def test_switch_and_fallback(monkeypatch):
     monkeypatch.setenv("JT_LORA_FUSED_LOSS", "0")
     assert not fused_loss.fused_loss_enabled()
     monkeypatch.setenv("JT_LORA_FUSED_LOSS", "1")
-    assert fused_loss.fused_loss_enabled() == fast_path_available()
+    assert fused_loss.fused_loss_enabled(jt.ones((2, 2))) == fast_path_available()
+    monkeypatch.delenv("JT_LORA_FUSED_LOSS")   # default: only with a frozen head
+    assert fused_loss.fused_loss_enabled(jt.ones((2, 2)).stop_grad())
+    assert not fused_loss.fused_loss_enabled(jt.ones((2, 2)))
     with pytest.raises(ValueError, match="shapes do not match"):
         fused_token_losses(jt.zeros((2, 3)), jt.zeros((5, 4)), jt.zeros((2,), dtype="int32"))
 

@@ -155,9 +155,17 @@ def default_chunk(rows: int, vocab: int) -> int:
     return int(max(256, min(vocab, _SCRATCH_FLOATS // max(rows, 1))))
 
 
-def fused_loss_enabled() -> bool:
-    """The fused head + loss is used on the CPU fast path unless ``JT_LORA_FUSED_LOSS=0``."""
-    return os.environ.get("JT_LORA_FUSED_LOSS", "1") != "0" and fast_path_available()
+def fused_loss_enabled(wte=None) -> bool:
+    """Whether the trainer takes the fused head + loss: never off the CPU fast path; otherwise
+    ``JT_LORA_FUSED_LOSS=1`` always, ``=0`` never, unset: when the head ``wte`` is frozen (adapters,
+    evaluation). A trained head (full fine-tuning) goes through a ``jt.Function`` whose memory in a
+    full step was not measured, so it is opt-in."""
+    if not fast_path_available():
+        return False
+    flag = os.environ.get("JT_LORA_FUSED_LOSS", "")
+    if flag in ("0", "1"):
+        return flag == "1"
+    return wte is None or wte.is_stop_grad() or bool(jt.flags.no_grad)
 
 
 def _forward(h, wte, targets, eps, chunk, with_dh: bool):

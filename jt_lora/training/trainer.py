@@ -269,7 +269,7 @@ def masked_loss_sum(model, batch, label_smooth: float = 0.0):
     h = hidden.reshape(b * t, hidden.shape[-1])[jt.array(where)]  # [N, C]
     targets = jt.array(batch["target"].reshape(-1)[where])
     from ..nn.fused_loss import fused_loss_enabled, fused_token_losses
-    if fused_loss_enabled():  # tied head + loss in vocabulary chunks: never the [N, V] logits
+    if fused_loss_enabled(model.transformer.wte.weight):  # head + loss in vocabulary chunks, no [N, V] logits
         if all(p.is_stop_grad() for p in model.parameters()):  # eval(): no dL/dh work in the op
             h = h.stop_grad()
         per_token = fused_token_losses(h, model.transformer.wte.weight, targets, label_smooth)
