@@ -184,8 +184,6 @@ def test_tiny_study_end_to_end_survives_kill_9(tmp_path):
         js = np.array(m[lab]["js_from_base"] + m[lab]["js_from_full"])
         assert np.all((js > 0) & (js < math.log(2))), (lab, js)
         assert len(m[lab]["importance_rank_corr_base"]) == 2
-    # full fine-tuning moves every weight, so its attention moves furthest from the base's
-    assert max(m["full FT"]["js_from_base"]) > max(m["LoRA"]["js_from_base"])
     assert (out / "attention_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "study.md").read_text()
     assert "| 1 | ![base layer 1](" in md and "InA 90%" in md and "## Task scores" in md
