@@ -25,7 +25,7 @@ INA = {**META, "adapter": "ina", "lora_inhibition": 0.3}
 
 def test_defaults_are_the_lora_papers_and_the_trainers():
     from jt_lora.models.gpt2 import GPT2Config
-    from jt_lora.training.trainer import build_parser as train_parser
+    from jt_lora.train import build_parser as train_parser
 
     defaults = {f.name: f.default for f in dataclasses.fields(GPT2Config)}
     assert (MF.LORA_DIM, MF.LORA_ALPHA) == (defaults["lora_attn_dim"], defaults["lora_attn_alpha"]) == (4, 32.0)
