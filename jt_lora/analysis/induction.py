@@ -125,22 +125,29 @@ def _segment_len(tokens: np.ndarray, bos_id: int, segment_len: Optional[int]) ->
     return seg
 
 
-def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """Per layer: attention probabilities [B, H, T, T] and each head's write to the residual
-    stream [B, H, T, C] (its attention-weighted values through its rows of ``c_proj``, without the
-    bias). The residual stream itself comes from the model's own blocks, unmasked."""
+def _embedded(model, input_ids: np.ndarray):
+    """(token + position embeddings [B, T, C], a plain causal cache for one full pass, the per-head
+    one-hot [H, 1, 1, C]): what both ways of reading a head start from."""
     from ..models.kv_cache import PlainCache
 
     tr = model.transformer
     b, t = input_ids.shape
-    n_head, width = model.config.n_head, model.config.n_embd
     ids = jt.array(input_ids.astype(np.int32))
+    x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
+    cache = PlainCache()                 # no past: plain causal attention
+    cache.start(t, None, inspect=True)
+    return x, cache, _head_one_hot(model.config.n_head, model.config.n_embd)
+
+
+def head_outputs(model, input_ids: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Per layer: attention probabilities [B, H, T, T] and each head's write to the residual
+    stream [B, H, T, C] (its attention-weighted values through its rows of ``c_proj``, without the
+    bias). The residual stream itself comes from the model's own blocks, unmasked."""
+    b, t = input_ids.shape
+    n_head, width = model.config.n_head, model.config.n_embd
     with jt.no_grad():
-        x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
-        cache = PlainCache()                 # no past: plain causal attention
-        cache.start(t, None, inspect=True)
-        one_hot = _head_one_hot(n_head, width)
-        for i, block in enumerate(tr.h):
+        x, cache, one_hot = _embedded(model, input_ids)
+        for i, block in enumerate(model.transformer.h):
             attn = block.attn
             v = attn._split(attn.c_attn(block.ln_1(x))[:, :, 2 * width:3 * width])   # [B, H, T, D]
             x_next, probs = block(x, cache, i, None, None, True)
@@ -165,18 +172,11 @@ def embedding_head_values(model, input_ids: np.ndarray) -> Iterator[Tuple[np.nda
     [B, H, T, T] and output vectors [B, H, T, C], both computed from ``ln_1`` of the token +
     position embeddings (not the residual stream); the output at ``j`` is the head's value at ``j``
     through its rows of ``c_proj``, bias included."""
-    from ..models.kv_cache import PlainCache
-
-    tr = model.transformer
     b, t = input_ids.shape
     n_head, width = model.config.n_head, model.config.n_embd
-    ids = jt.array(input_ids.astype(np.int32))
     with jt.no_grad():
-        x = tr.wte(ids) + tr.wpe(jt.arange(t).int32().reshape(1, t).broadcast((b, t)))
-        cache = PlainCache()                 # no past: plain causal attention
-        cache.start(t, None, inspect=True)
-        one_hot = _head_one_hot(n_head, width)
-        for i, block in enumerate(tr.h):
+        x, cache, one_hot = _embedded(model, input_ids)
+        for i, block in enumerate(model.transformer.h):
             attn = block.attn
             hs = block.ln_1(x)
             _, probs = attn(hs, cache, i, None, True)                                  # [B, H, T, T]
