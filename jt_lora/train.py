@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora_inhibition", type=float, default=None,
       help=f"InA inhibition level in (0, 1); only with --adapter ina (default: {INA_DEFAULT_INHIBITION} "
            "with --adapter ina)")
+    a("--ia3_parts", default=None, choices=["qkv", "kv"],
+      help="(IA)3 on c_attn's output: qkv = q, k and v (PEFT's GPT-2 targets, which the InA code uses), "
+           "kv = k and v only (the (IA)3 paper); only with --adapter ia3 (default: qkv with --adapter ia3)")
     a("--log_interval", type=int, default=100, help="log the training loss every N micro-batches (0 = only at the end)")
     a("--eval_interval", type=int, default=2000, help="validate every N micro-batches (0 = only at the end)")
     a("--save_interval", type=int, default=1000, help="checkpoint every N micro-batches (0 = only at the end)")
@@ -172,6 +175,11 @@ def validate_args(args, inputs: bool = True) -> None:
     else:
         _need(args.lora_inhibition is None,
               f"--lora_inhibition only applies to --adapter ina, not --adapter {args.adapter}: drop it")
+    if args.adapter == "ia3":
+        args.ia3_parts = args.ia3_parts or "qkv"
+    else:
+        _need(getattr(args, "ia3_parts", None) is None,
+              f"--ia3_parts only applies to --adapter ia3, not --adapter {args.adapter}: drop it")
     for flag in ("n_layer", "n_embd", "n_head", "vocab_size"):
         value = getattr(args, flag)
         _need(value is None or value >= 1, f"--{flag} must be >= 1, got {value}")

@@ -301,3 +301,24 @@ def test_shape_comes_from_the_checkpoint_and_is_recorded(data, bare_base, tmp_pa
     assert meta["base"] == dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     code, err = run(capsys, *argv(data, tmp_path / "d", "--max_step", "2", model=model + ["--n_head", "8"]))
     assert code == 0 and json.load(open(tmp_path / "d" / "train_config.json"))["model_shape"]["n_head"] == 8
+
+
+def test_ia3_parts_choose_what_c_attn_rescales(data, tmp_path, capsys):
+    """(IA)³'s default rescales q, k and v (PEFT's GPT-2 targets); --ia3_parts kv keeps q untouched
+    (the paper's); the flag with another adapter is refused before anything is written."""
+    trained = {}
+    for parts in ("qkv", "kv"):
+        wd = tmp_path / parts
+        extra = ["--adapter", "ia3", "--max_step", "3", "--lr", "0.05"] + ([] if parts == "qkv" else ["--ia3_parts", "kv"])
+        code, err = run(capsys, *argv(data, wd, *extra))
+        assert code == 0, err
+        tensors = load_file(str(wd / "adapter" / "adapter_model.safetensors"))
+        vec = next(v for k, v in tensors.items() if k.endswith("h.0.attn.c_attn.ia3_l")).reshape(-1)
+        trained[parts] = vec
+        assert saving.read_adapter_config(wd / "adapter")["ia3_enable"] == [parts == "qkv", True, True]
+    width = trained["qkv"].size // 3
+    assert np.abs(trained["qkv"][:width] - 1).max() > 1e-4          # q's scales trained
+    assert np.array_equal(trained["kv"][:width], np.ones(width, np.float32))   # q untouched: ones in the file
+    assert np.abs(trained["kv"][width:] - 1).max() > 1e-4
+    code, err = run(capsys, *argv(data, tmp_path / "bad", "--adapter", "lora", "--ia3_parts", "kv"))
+    assert code == 2 and "--ia3_parts only applies to --adapter ia3" in err and not (tmp_path / "bad").exists()

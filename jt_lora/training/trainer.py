@@ -43,9 +43,12 @@ _SHAPE_KEYS = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
 def _adapter_fields(args) -> dict:
     if args.adapter == "full":  # full fine-tuning: the plain model, every weight trained
         return dict(adapter_type="none")
-    return dict(adapter_type=args.adapter, lora_attn_dim=args.lora_dim, lora_attn_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                lora_inhibition=args.lora_inhibition if args.adapter == "ina" else 0.0)
+    fields = dict(adapter_type=args.adapter, lora_attn_dim=args.lora_dim, lora_attn_alpha=args.lora_alpha,
+                  lora_dropout=args.lora_dropout,
+                  lora_inhibition=args.lora_inhibition if args.adapter == "ina" else 0.0)
+    if args.adapter == "ia3":   # which parts of c_attn's output (IA)3 rescales: q too, or k and v only
+        fields["ia3_enable"] = (getattr(args, "ia3_parts", None) != "kv", True, True)
+    return fields
 
 
 def _shape_flags(args) -> dict:

@@ -40,7 +40,7 @@ RESULT_FLAGS = ("init_checkpoint", "model_card", "n_layer", "n_embd", "n_head", 
                 "lora_dim", "lora_alpha", "lora_dropout", "lora_inhibition", "lr", "weight_decay",
                 "correct_bias", "adam_epsilon", "adam_beta1", "adam_beta2", "scheduler", "warmup_step",
                 "max_epoch", "max_step", "clip", "label_smooth", "train_data", "seq_len",
-                "train_batch_size", "grad_acc", "random_seed")
+                "train_batch_size", "grad_acc", "random_seed", "ia3_parts")
 _PATH_FLAGS = ("init_checkpoint", "train_data")
 
 
@@ -69,6 +69,8 @@ def fingerprint(args, world_size: int = 1) -> Dict[str, object]:
         fp.update(model_card=None, n_layer=None, n_embd=None, vocab_size=None)
     if fp["adapter"] != "ina":  # only InA reads it
         fp["lora_inhibition"] = None
+    if fp["adapter"] != "ia3":  # only (IA)3 reads it
+        fp["ia3_parts"] = None
     fp["world_size"] = world_size
     return fp
 
