@@ -127,6 +127,9 @@ def bench_jittor(args) -> dict:
                 "device": device_name()}
     from .generation.beam import beam_search
     model.eval()
+    if args.precision != "fp32":
+        from .nn.quant import quantize_model
+        quantize_model(model)
     prompts = [list(map(int, rng.integers(0, cfg.vocab_size, args.prompt_len))) for _ in range(args.batch)]
 
     def run():  # no eos: every hypothesis runs the full --new_tokens steps, as in the HF run
@@ -232,6 +235,8 @@ def build_parser():
     p.add_argument("--beam", type=int, default=10, help="beam: beam size")
     p.add_argument("--new_tokens", type=int, default=64, help="beam: tokens generated per prompt")
     p.add_argument("--prompt_len", type=int, default=32, help="beam: prompt tokens")
+    p.add_argument("--precision", default="fp32",
+                   help="beam: weights fp32, or int8 (jt_lora.generate --precision int8; not with --compare hf)")
     p.add_argument("--steps", type=int, default=5, help="timed repetitions (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     p.add_argument("--compare", choices=["hf"], default=None,
@@ -255,6 +260,10 @@ def validate_args(args) -> None:
     positive_int("--warmup", args.warmup, 0)
     if not 0 < args.loss_fraction <= 1:
         raise ValueError(f"--loss_fraction must be in (0, 1], got {args.loss_fraction}")
+    from .nn.quant import check_precision
+    check_precision(args.precision)
+    if args.precision != "fp32" and (args.mode != "beam" or args.compare):
+        raise ValueError(f"--precision {args.precision} applies to --mode beam without --compare")
 
 
 def machine_line() -> str:
@@ -284,7 +293,8 @@ def table(path) -> str:
                 f", loss on {r['loss_fraction']:.0%}" if r.get("loss_fraction", 1.0) < 1.0 else "")
             gflops = f"{r['gflops']:.1f}"
         else:
-            work = f"beam {r['beam']}, batch {r['batch']}, {r['new_tokens']} new tokens"
+            work = f"beam {r['beam']}, batch {r['batch']}, {r['new_tokens']} new tokens" + (
+                f", {r['precision']}" if r.get("precision", "fp32") != "fp32" else "")
             gflops = "-"
         hf = r.get("hf", {})
         out.append(f"| {r['model']} | {work} | {r['adapter']} | {r['tokens_per_s']:.1f} | "
@@ -319,13 +329,14 @@ def _run(args) -> int:
             result.update(pct_of_gemm_peak=100.0 * ours["gflops"] / limits["gemm_gflops"],
                           gemm_peak_gflops=limits["gemm_gflops"])
     else:
-        result.update(beam=args.beam, new_tokens=args.new_tokens, prompt_len=args.prompt_len)
+        result.update(beam=args.beam, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+                      precision=args.precision)
     if args.compare == "hf":
         hf = bench_hf(args)
         result["hf"] = hf
         result["speedup_vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
         result["memory_ratio_vs_hf"] = ours["peak_rss_mb"] / hf["peak_rss_mb"]
-    line = (f"{args.model} {args.mode} {args.adapter}: jt_lora {ours['tokens_per_s']:.1f} tokens/s, "
+    line = (f"{args.model} {args.mode} {args.adapter}{'' if args.precision == 'fp32' else ' ' + args.precision}: jt_lora {ours['tokens_per_s']:.1f} tokens/s, "
             f"peak RSS {ours['peak_rss_mb']:.0f} MB")
     if args.mode == "train":
         line += f", {ours['gflops']:.1f} GFLOP/s"

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh instead of resuming; the old file is replaced only once the new one is complete")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--precision", default="fp32",
+                   help="weights of the projections and LM head: fp32, or int8 (opt-in, CPU only: int8 per "
+                        "output channel after merging the adapter; faster, slightly different outputs)")
     return p
 
 
@@ -79,6 +82,8 @@ def validate_args(args) -> None:
         raise ValueError(f"--output_file must be a file name inside --work_dir, got {args.output_file!r}")
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"--data file not found: {args.data}")
+    from .nn.quant import check_precision
+    check_precision(args.precision)
     _check_writable_dir(Path(args.work_dir))
     from .models.loading import check_model_flags
     check_model_flags(args)
@@ -109,6 +114,9 @@ def _run(args) -> int:
     validate_args(args)
     files = PredictionFiles(Path(args.work_dir) / args.output_file, args.overwrite)
     model = build_model(args)
+    if args.precision != "fp32":
+        from .nn.quant import quantize_model
+        quantize_model(model)
     vocab = model.config.vocab_size
     eos_all = list(dict.fromkeys([50256] + list(args.eos_token_id or [])))
     eos = [e for e in eos_all if 0 <= e < vocab]
@@ -137,6 +145,8 @@ def _run(args) -> int:
         "num_examples": n, "output_file": str(files.out), "text_file": None,
         "settings": asdict(settings),
     }
+    if args.precision != "fp32":   # part of "model", so fp32 and int8 predictions never mix in one file
+        resolved["model"]["precision"] = args.precision
     done = files.done(resolved, len(dataset))
 
     tokenizer = None

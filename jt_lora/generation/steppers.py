@@ -83,8 +83,10 @@ class RecomputeStepper:
 def lm_head(model):
     """The tied LM head ``wte`` [V, C]. ``nn.matmul_transpose`` (what ``model.logits`` uses) copies
     the transposed 50257x768 weight on every call; oneDNN's sgemm reads it transposed in place
-    (``jt_lora.nn.kernels``), so no copy is made at all (it cost ~40 ms a step and 154 MB on GPT-2 S)."""
-    return model.transformer.wte.weight
+    (``jt_lora.nn.kernels``), so no copy is made at all (it cost ~40 ms a step and 154 MB on GPT-2 S).
+    An int8 head set by ``nn.quant.quantize_model`` (``--precision int8``) is taken instead."""
+    head = getattr(model, "quantized_head", None)
+    return model.transformer.wte.weight if head is None else head
 
 
 def last_logits(head, hidden) -> np.ndarray:
@@ -92,7 +94,9 @@ def last_logits(head, hidden) -> np.ndarray:
     A few rows (a decoding step) take ``small_rows_matmul``, which reads the head as oneDNN's left
     operand: ~13 vs ~29 ms for 10 rows on GPT-2 S."""
     last = hidden[:, -1]
-    if use_small_rows(last.shape[0], last, head):
+    if not isinstance(head, jt.Var):   # an opt-in int8 head (nn.quant.QuantizedHead)
+        logits = head(last).numpy()
+    elif use_small_rows(last.shape[0], last, head):
         logits = small_rows_matmul(last, head, transpose_w=True).numpy()
     else:
         logits = batched_matmul(last.unsqueeze(0), head.unsqueeze(0), transpose_b=True)[0].numpy()
