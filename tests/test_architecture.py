@@ -128,3 +128,46 @@ def test_only_io_atomic_renames_files_into_place():
                         and not isinstance(node.args[0], ast.Constant)):
                     offenders.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: .{node.func.attr}()")
     assert not offenders, "write outputs through jt_lora.io.atomic:\n  " + "\n  ".join(offenders)
+
+
+# --- one adapter layer family: the front-ends only say where tensors live ---------------------------
+_MATH_CALLS = {"matmul", "matmul_transpose", "leaky_relu", "dropout", "dense", "scale_last_dim", "block_b",
+               "lora_delta", "lora_update", "ia3_vector", "ia3_scaled"}
+
+
+def _class_bases(path: Path) -> Dict[str, List[str]]:
+    tree = ast.parse(path.read_text())
+    return {n.name: [ast.unparse(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+def _calls_in_class(path: Path, name: str) -> Set[str]:
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    out = set()
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Call):
+            f = node.func
+            out.add(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", ""))
+    return out
+
+
+def test_peft_layers_are_front_ends_of_the_nn_layer_classes():
+    """The PEFT-style layers subclass the one LoRA / (IA)³ layer classes and compute nothing themselves:
+    the forward and merge math is in ``nn`` only, for both front-ends."""
+    bases = _class_bases(PKG / "peft" / "layers.py")
+    assert "LoraAdapterLayer" in bases["LoraLayer"] and "IA3AdapterLayer" in bases["IA3Layer"]
+    for cls in ("TunerLayer", "LoraLayer", "IA3Layer"):
+        assert not (_calls_in_class(PKG / "peft" / "layers.py", cls) & _MATH_CALLS), cls
+        assert "execute" not in {n.name for n in ast.walk(ast.parse((PKG / "peft" / "layers.py").read_text()))
+                                 if isinstance(n, ast.ClassDef) and n.name == cls
+                                 for n in n.body if isinstance(n, ast.FunctionDef)}, cls
+
+
+def test_loralib_layers_are_front_ends_of_the_same_classes():
+    lora, ia3 = _class_bases(PKG / "nn" / "lora.py"), _class_bases(PKG / "nn" / "ia3.py")
+    assert lora["LoRALayer"] == ["LoraAdapterLayer"] and ia3["IA3Linear"] == ["IA3AdapterLayer"]
+    assert {lora[c][0] for c in ("Linear", "MergedLinear", "Embedding")} == {"LoRALayer"}
+    assert lora["LoraAdapterLayer"] == ["AdapterLayer"] and ia3["IA3AdapterLayer"] == ["AdapterLayer"]
+    # the loralib-style front-end adds no forward of its own (Embedding's lookup aside)
+    for cls in ("LoRALayer", "Linear", "MergedLinear"):
+        assert not (_calls_in_class(PKG / "nn" / "lora.py", cls) & (_MATH_CALLS - {"dense"})), cls

@@ -42,7 +42,7 @@ from .tensor_files import save_safetensors
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "LEGACY_CONFIG", "LEGACY_WEIGHTS", "PREFIX",
            "META_KEY", "MODEL_KEY", "WRITER_KEY", "SLOPE_FIELD", "AdapterFileError", "AdapterFiles",
            "peft_config_json", "write_adapter_dir", "read_adapter_files", "group_b", "part_vector",
-           "config_path", "is_adapter_dir"]
+           "config_path", "is_adapter_dir", "layer_file_state", "layer_file_plan", "check_plan"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -149,6 +149,56 @@ def part_vector(full: np.ndarray, enable, key: str) -> np.ndarray:
         elif np.any(block != 1):
             raise AdapterFileError(f"{key}: part {i} must be ones for enable_ia3={list(enable)} but is not")
     return np.concatenate(kept)
+
+
+# --- one adapter layer <-> the file's tensors (both front-ends) -----------------------------------
+def layer_file_state(key: str, layer, name: str) -> Dict[str, np.ndarray]:
+    """Adapter ``name`` of one adapter layer (``nn.LoraAdapterLayer`` / ``nn.IA3AdapterLayer``, either
+    front-end) as the file's tensors, keys without the prefix: grouped B spread to PEFT's block
+    matrix, part-masked (IA)³ vectors to full length in PEFT's ``[out, 1]`` / ``[1, in]``."""
+    from ..nn.ia3 import IA3AdapterLayer
+    if isinstance(layer, IA3AdapterLayer):
+        vec = layer.full_vector(name).numpy()
+        return {f"{key}.ia3_l": vec.reshape((1, -1) if layer.is_feedforward else (-1, 1))}
+    return {f"{key}.lora_A.weight": layer.lora_pair(name)[0].numpy(),
+            f"{key}.lora_B.weight": layer.full_b(name).numpy()}
+
+
+def layer_file_plan(key: str, layer, name: str) -> dict:
+    """{file key: (parameter, converter from the file's layout to the parameter's, shape in the file)}
+    for adapter ``name`` of one adapter layer (either front-end): the inverse of ``layer_file_state``."""
+    from ..nn.ia3 import IA3AdapterLayer
+    if isinstance(layer, IA3AdapterLayer):
+        v, enable = layer.ia3_vector_of(name), layer.part_mask(name)
+        shape = tuple(v.shape)
+        file_shape = (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
+        return {f"{key}.ia3_l": (v, lambda arr, k, e=enable, s=shape: (part_vector(arr, e, k) if e else arr).reshape(s),
+                                 file_shape)}
+    a, b = layer.lora_pair(name)
+    enable, r = layer.part_mask(name), layer.adapter_rank(name)
+    plan = {f"{key}.lora_A.weight": (a, None, tuple(a.shape))}
+    if enable:
+        plan[f"{key}.lora_B.weight"] = (b, lambda arr, k, e=enable, r=r: group_b(arr, e, r, k),
+                                        (layer.out_features, r * sum(enable)))
+    else:
+        plan[f"{key}.lora_B.weight"] = (b, None, tuple(b.shape))
+    return plan
+
+
+def check_plan(plan: dict, state: Dict[str, np.ndarray], source) -> Dict[str, np.ndarray]:
+    """The file's tensors converted to the parameters' layouts, after checking keys, shapes and zero
+    blocks; raises naming ``source`` and the keys. Nothing is assigned here."""
+    missing = sorted(set(plan) - set(state))
+    unexpected = sorted(set(state) - set(plan))
+    shapes = [f"{k}: file {list(state[k].shape)} vs model {list(plan[k][2])}"
+              for k in sorted(set(plan) & set(state)) if tuple(state[k].shape) != tuple(plan[k][2])]
+    if missing or unexpected or shapes:
+        parts = ([f"missing keys {missing[:6]}"] if missing else []) + \
+                ([f"unexpected keys {unexpected[:6]}"] if unexpected else []) + \
+                ([f"shape mismatch: {'; '.join(shapes[:6])}"] if shapes else [])
+        raise AdapterFileError(f"{source}: adapter does not fit the model: " + "; ".join(parts))
+    return {k: np.ascontiguousarray(conv(state[k], k) if conv else state[k], dtype=np.float32)
+            for k, (_, conv, _) in plan.items()}
 
 
 # --- reading ----------------------------------------------------------------------------------------

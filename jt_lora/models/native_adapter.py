@@ -8,16 +8,15 @@ analysis and resume use to build the model. Saving and loading never change trai
 layer is unmerged, written, and merged again.
 """
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
-import numpy as np
-
+from ..nn.adapter_layer import DEFAULT_ADAPTER
 from ..nn.ia3 import IA3Linear
 from ..nn.lora import LoRALayer
 from ..nn.modes import assign_keep_trainable
 from ..peft.config import IA3Config, LoraConfig, PeftConfig
-from .adapter_files import (CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, config_path, group_b, part_vector,
-                            read_adapter_files, write_adapter_dir)
+from .adapter_files import (CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, check_plan, config_path, layer_file_plan,
+                            layer_file_state, read_adapter_files, write_adapter_dir)
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FIELDS", "save_adapter", "load_adapter",
            "read_adapter_config", "native_fields", "native_adapter_config"]
@@ -32,7 +31,7 @@ _FEEDFORWARD = "mlp.c_proj"
 
 def _adapter_layers(model) -> List[Tuple[str, object]]:
     return [(k, m) for k, m in model.named_modules()
-            if isinstance(m, IA3Linear) or (isinstance(m, LoRALayer) and m.r > 0)]
+            if isinstance(m, (IA3Linear, LoRALayer)) and DEFAULT_ADAPTER in m]
 
 
 def native_adapter_config(model) -> Tuple[PeftConfig, List[Tuple[str, object]]]:
@@ -62,15 +61,10 @@ def save_adapter(model, out_dir, extra: dict = None) -> Path:
         extra: more to record (the trainer: step, run id).
     """
     config, layers = native_adapter_config(model)
-    ranks = {k: (m.r, m._groups_n) for k, m in layers if not isinstance(m, IA3Linear)}
+    ranks = {k: (m.r, m.groups()) for k, m in layers if not isinstance(m, IA3Linear)}
     state = {}
     for key, m in layers:
-        if isinstance(m, IA3Linear):
-            vec = m.scale_vector().numpy()
-            state[f"{key}.ia3_l"] = vec.reshape((1, -1) if m.feedforward else (-1, 1))
-        else:
-            state[f"{key}.lora_A.weight"] = m.lora_A.numpy()
-            state[f"{key}.lora_B.weight"] = m.full_b().numpy()
+        state.update(layer_file_state(key, m, DEFAULT_ADAPTER))
     cfg = model.config.to_dict()
     info = {"base": {k: cfg[k] for k in _SHAPE}, **(extra or {})}
     return write_adapter_dir(out_dir, config, ranks, state, info)
@@ -121,17 +115,11 @@ def read_adapter_config(adapter_dir) -> dict:
     return {**native_fields(files.config, files.config_file), **files.model_info}
 
 
-def _plan(model, fields: dict):
-    """{file key: (parameter, converter from the file's layout)} for the model's adapter tensors."""
+def _plan(model) -> dict:
+    """{file key: (parameter, converter, shape in the file)} for the model's adapter tensors."""
     plan = {}
     for key, m in _adapter_layers(model):
-        if isinstance(m, IA3Linear):
-            enable = None if m.feedforward or all(m.enable_ia3) else m.enable_ia3
-            plan[f"{key}.ia3_l"] = (m.ia3_l, lambda a, k, e=enable: part_vector(a, e, k) if e else a.reshape(-1))
-        else:
-            enable = m._enable if m._enable and len(m._enable) > 1 else None
-            plan[f"{key}.lora_A.weight"] = (m.lora_A, lambda a, k: a)
-            plan[f"{key}.lora_B.weight"] = (m.lora_B, lambda a, k, e=enable, r=m.r: group_b(a, e, r, k) if e else a)
+        plan.update(layer_file_plan(key, m, DEFAULT_ADAPTER))
     return plan
 
 
@@ -156,19 +144,12 @@ def load_adapter(model, adapter_dir) -> dict:
              if _norm(fields[k]) != _norm(cfg[k])]
     if wrong:
         raise AdapterFileError(f"{adapter_dir}: adapter does not fit the model: " + "; ".join(wrong))
-    plan, state = _plan(model, fields), files.state
-    missing, unexpected = sorted(set(plan) - set(state)), sorted(set(state) - set(plan))
-    values = {k: np.ascontiguousarray(conv(state[k], k), dtype=np.float32)
-              for k, (_, conv) in plan.items() if k in state}
-    shapes = [f"{k}: file {list(state[k].shape)} vs model {list(p.shape)}" for k, (p, _) in plan.items()
-              if k in values and tuple(values[k].shape) != tuple(p.shape)]
-    if missing or unexpected or shapes:
-        raise AdapterFileError(f"{source}: adapter does not fit the model: missing {missing[:6]}; unexpected "
-                               f"{unexpected[:6]}; shape mismatch {shapes[:6]}")
+    plan = _plan(model)
+    values = check_plan(plan, files.state, source)
     merged = [m for _, m in _adapter_layers(model) if m.merged]
     for m in merged:
         m.unmerge()
-    for k, (p, _) in plan.items():
+    for k, (p, _, _) in plan.items():
         assign_keep_trainable(p, values[k])
     for m in merged:
         m.merge()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..io.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from ..nn.adapters import is_adapter_param
-from ..nn.lora import ExactMerge
+from ..nn.adapter_layer import AdapterLayer
 from .native_adapter import (ADAPTER_CONFIG, ADAPTER_FIELDS, ADAPTER_WEIGHTS, load_adapter,  # noqa: F401
                              read_adapter_config, save_adapter)
 from .tensor_files import save_safetensors  # noqa: F401 (re-exported)
@@ -30,11 +30,11 @@ def _hf_config(cfg) -> dict:
 def save_pretrained(model, out_dir, include_adapters: bool = False):
     """Base weights as a HF GPT-2 directory. Adapters are left out unless asked (merged or not,
     HF has no place for them); use ``save_adapter`` for those. The mode is kept: a merged layer
-    contributes the weights it saved before merging (``ExactMerge.unmerged_weights``)."""
+    contributes the weights it saved before merging (``AdapterLayer.unmerged_weights``)."""
     out_dir = Path(out_dir)
     unmerged = {}
     for key, m in model.transformer.named_modules():
-        if isinstance(m, ExactMerge) and m._unmerged is not None:
+        if isinstance(m, AdapterLayer) and m._unmerged is not None:
             weight, bias = m.unmerged_weights()
             prefix = key + "." if key else ""
             unmerged[prefix + "weight"] = weight

@@ -15,19 +15,23 @@ with inhibition > 0 never merges; asking it to raises.
 Merging keeps a host copy of the unmerged weight and unmerging restores it,
 so any number of eval()/train() cycles leaves the frozen weight bit-identical
 (subtracting the update again is not exact in floating point).
+
+``LoraAdapterLayer`` is the one LoRA layer class; ``LoRALayer`` (and so ``Linear``,
+``MergedLinear``, ``Embedding``) is its loralib-style front-end, ``jt_lora.peft.layers.LoraLayer``
+its PEFT-style one. They differ only in where tensors live and so in their parameter names.
 """
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..backend import jt, nn
+from .adapter_layer import DEFAULT_ADAPTER, AdapterLayer
 from .kernels import dense
-from .modes import AdapterModule, assign_keep_trainable
 
-__all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "InhibitionGate", "kaiming_uniform",
-           "INA_SLOPE", "LEGACY_INA_SLOPE", "ExactMerge",
-           "lora_variant", "block_b", "lora_delta", "lora_update"]
+__all__ = ["LoraAdapterLayer", "LoRALayer", "Linear", "Embedding", "MergedLinear", "InhibitionGate",
+           "kaiming_uniform", "INA_SLOPE", "LEGACY_INA_SLOPE", "lora_variant", "block_b", "lora_delta",
+           "lora_update"]
 
 # torch's leaky_relu default, which the InA reference code uses.
 INA_SLOPE = 0.01
@@ -123,120 +127,153 @@ def lora_update(x, a, b_full, scaling: float, gate: InhibitionGate, groups: int,
     return nn.matmul_transpose(h, b_full) * scaling
 
 
-class ExactMerge:
-    """Merge/unmerge bookkeeping shared by every adapter layer (both front-ends).
+class LoraAdapterLayer(AdapterLayer):
+    """The one LoRA layer: named LoRA/InA adapters on a dense projection, for both front-ends.
 
-    ``_save_unmerged`` keeps the dense weight (and bias) as host arrays before an adapter is folded
-    in; ``_restore_unmerged`` puts those arrays back, so the frozen tensors are bit-identical after any
-    number of cycles (subtracting an update or dividing by an (IA)³ vector drifts by rounding). The
-    copy lives only while merged (eval mode): one copy of each merged layer's weight.
-    ``_dense()`` is the module holding ``weight``/``bias``: the layer itself, or a PEFT layer's base.
+    Each adapter has ``A [r·g, in]`` and ``B [part·g, r]`` (``g`` enabled parts of a fused output,
+    loralib ``MergedLinear``'s grouped layout; a plain adapter is ``g = 1``, ``part = out``), a
+    scaling, a dropout and a variant (``InhibitionGate``). The forward is ``base(x) + Σ_pending
+    scaling·B_full·gate(A·dropout(x))`` and merging adds ``Σ scaling·B_full·A``, both through the
+    functions above, so they cannot disagree.
+
+    Front-ends supply where things live: ``base_forward(x)``, ``lora_pair(name)`` (the A and B
+    tensors) and ``_store_lora(name, a, b)``. The per-adapter settings are kept in dicts by name;
+    the loralib-style layers show the ``"default"`` adapter's as plain values (``layer.r``), the
+    PEFT-style layer the dicts (``layer.r["default"]``).
     """
 
-    _unmerged = None
+    def _init_lora_settings(self):
+        self._init_adapter_layer()
+        self._r, self._alpha, self._scaling, self._dropout, self._enable, self._gate = {}, {}, {}, {}, {}, {}
 
-    def _dense(self):
-        return self
+    def add_lora(self, name: str, a, b, r: int, lora_alpha: float, scaling: float, lora_dropout: float = 0.0,
+                 enable: Optional[Sequence[bool]] = None, gate: Optional[InhibitionGate] = None):
+        """Add adapter ``name`` with factors ``a``/``b`` (grouped over ``enable``'s parts) and make it active."""
+        self._store_lora(name, a, b)
+        self._r[name], self._alpha[name], self._scaling[name] = int(r), lora_alpha, scaling
+        self._dropout[name] = float(lora_dropout)
+        self._enable[name] = None if enable is None else tuple(enable)
+        self._gate[name] = gate if gate is not None else lora_variant()
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
 
-    def _save_unmerged(self):
-        if self._unmerged is not None:  # already merged: keep the original
-            return
-        dense = self._dense()
-        self._unmerged = (dense.weight.numpy().copy(),
-                          None if getattr(dense, "bias", None) is None else dense.bias.numpy().copy())
+    def adapter_names(self):
+        return list(self._r)
 
-    def _assign_dense(self, weight, bias=None):
-        dense = self._dense()
-        assign_keep_trainable(dense.weight, weight)
-        if bias is not None and getattr(dense, "bias", None) is not None:
-            assign_keep_trainable(dense.bias, bias)
+    def _forget(self, name):
+        self._drop_lora(name)
+        for d in (self._r, self._alpha, self._scaling, self._dropout, self._enable, self._gate):
+            d.pop(name, None)
 
-    def _restore_unmerged(self):
-        if self._unmerged is None:
-            return
-        self._assign_dense(*self._unmerged)
-        self._unmerged = None
+    def adapter_rank(self, name: str = DEFAULT_ADAPTER) -> int:
+        """Adapter ``name``'s rank per group (``r``)."""
+        return self._r[name]
 
-    merged = False
+    def groups(self, name: str = DEFAULT_ADAPTER) -> int:
+        """How many rank-``r`` groups adapter ``name`` has (enabled parts of a fused output; else 1)."""
+        enable = self._enable[name]
+        return sum(enable) if enable else 1
 
-    def _merges_on_eval(self) -> bool:
-        """Whether ``eval()`` folds the adapter in (loralib's ``merge_weights``); layers override."""
-        return False
+    def part_mask(self, name: str = DEFAULT_ADAPTER) -> Optional[Tuple[bool, ...]]:
+        """Adapter ``name``'s per-part mask when it is grouped over a fused output (> 1 part), else None."""
+        enable = self._enable.get(name)
+        return enable if enable and len(enable) > 1 else None
 
-    def unmerge(self):
-        """Restore the tensors saved by ``merge`` (idempotent; exact, unlike subtracting an update or
-        dividing by a vector)."""
-        if not self.merged:
-            return
-        self._restore_unmerged()
-        self.merged = False
+    def full_b(self, name: str = DEFAULT_ADAPTER) -> "jt.Var":
+        """``B`` as ``[out, r·groups]`` (grouped layouts spread into zero blocks)."""
+        return block_b(self.lora_pair(name)[1], self._enable[name], self._r[name])
 
-    def _sync_mode(self):
-        """Merge in eval mode and unmerge in train mode, as loralib does."""
-        if not self._merges_on_eval():
-            return
-        if self.training and self.merged:
-            self.unmerge()
-        elif not self.training and not self.merged:
-            self.merge()
+    def get_delta_weight(self, name: str = DEFAULT_ADAPTER) -> "jt.Var":
+        """``scaling · B·A`` in the dense weight's layout (``[in, out]`` when fan_in_fan_out); InA raises."""
+        return lora_delta(self.lora_pair(name)[0], self.full_b(name), self._scaling[name], self.fan_in_fan_out,
+                          self._gate[name], f"{type(self).__name__} adapter {name!r}")
 
-    def unmerged_weights(self):
-        """(weight, bias) as numpy without the adapter folded in, whatever the mode: for writers that
-        must not switch the model to train mode."""
-        if self._unmerged is not None:
-            return self._unmerged
-        dense = self._dense()
-        return dense.weight.numpy(), None if getattr(dense, "bias", None) is None else dense.bias.numpy()
+    def delta_weight(self, name: str = DEFAULT_ADAPTER) -> "jt.Var":
+        """loralib-style name of ``get_delta_weight``."""
+        return self.get_delta_weight(name)
+
+    def merged_state(self, names):
+        w = self._dense().weight
+        for name in names:
+            w = w + self.get_delta_weight(name)
+        return w, None
+
+    def lora_forward(self, name: str, x):
+        """Adapter ``name``'s low-rank path alone."""
+        return lora_update(x, self.lora_pair(name)[0], self.full_b(name), self._scaling[name], self._gate[name],
+                           self.groups(name), self._dropout[name], self.training)
+
+    def base_forward(self, x):
+        raise NotImplementedError
+
+    def execute(self, x):
+        self._sync_mode()
+        y = self.base_forward(x)
+        for name in self._pending():
+            y = y + self.lora_forward(name, x)
+        return y
+
+    # storage hooks: where a front-end keeps the factors (and so what their parameters are called)
+    def lora_pair(self, name: str):
+        raise NotImplementedError
+
+    def _store_lora(self, name: str, a, b):
+        raise NotImplementedError
+
+    def _drop_lora(self, name: str):
+        raise NotImplementedError
 
 
-class LoRALayer(ExactMerge, AdapterModule):
-    """State shared by every loralib-style LoRA layer (loralib's ``LoRALayer``)."""
+class LoRALayer(LoraAdapterLayer):
+    """The loralib-style front-end (loralib's ``LoRALayer``): the dense weight on the layer itself and
+    at most one adapter, ``"default"``, stored flat as ``lora_A``/``lora_B`` (microsoft/LoRA's
+    parameter names), with its settings as plain attributes (``r``, ``scaling``, ``lora_alpha`` ...)."""
 
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float,
                    merge_weights: Optional[bool], lora_inhibition: float = 0.0,
                    lora_inhibition_slope: float = INA_SLOPE):
         if r < 0:
             raise ValueError(f"r must be >= 0, got {r}")
-        self.r = int(r)
+        self._init_lora_settings()
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
         self.gate = lora_variant(lora_inhibition, lora_inhibition_slope)
-        self.scaling = lora_alpha / r if r > 0 else 0.0
         if merge_weights is None:
             merge_weights = self.gate.mergeable
         if merge_weights:
             self.gate.check_mergeable(f"{type(self).__name__} with merge_weights=True (pass merge_weights=False)")
         self.merge_weights = bool(merge_weights)
-        self.merged = False
+        self._rank = int(r)
+
+    def _add_default(self, a, b, enable=None):
+        """Add the one adapter (r > 0) and freeze the dense weight, as loralib does."""
+        self.add_lora(DEFAULT_ADAPTER, a, b, self._rank, self.lora_alpha, self.scaling, self.lora_dropout, enable,
+                      self.gate)
+        self.weight.stop_grad()
+
+    @property
+    def r(self) -> int:
+        return self._r.get(DEFAULT_ADAPTER, 0)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self._rank if self._rank > 0 else 0.0
 
     @property
     def lora_inhibition(self) -> float:
         return self.gate.inhibition
 
-    _enable = None  # per-part mask (MergedLinear); None: one plain pair
+    def lora_pair(self, name: str = DEFAULT_ADAPTER):
+        return self.lora_A, self.lora_B
 
-    @property
-    def _groups_n(self) -> int:
-        return sum(self._enable) if self._enable else 1
+    def _store_lora(self, name: str, a, b):
+        if name != DEFAULT_ADAPTER:
+            raise ValueError(f"{type(self).__name__} holds one adapter ({DEFAULT_ADAPTER!r}); use jt_lora.peft "
+                             f"for named adapters")
+        self.lora_A, self.lora_B = a, b
 
-    def full_b(self) -> "jt.Var":
-        """``lora_B`` as ``[out, r·groups]`` (grouped layouts spread into zero blocks)."""
-        return block_b(self.lora_B, self._enable, self.r)
-
-    def delta_weight(self) -> "jt.Var":
-        """scaling · B·A (zero-padded to the full output), in the weight's own layout."""
-        return lora_delta(self.lora_A, self.full_b(), self.scaling, self.fan_in_fan_out, self.gate,
-                          type(self).__name__)
-
-    # merge/unmerge through the one delta function
-    def merge(self):
-        """Add the low-rank update to the frozen weight (idempotent; InA raises)."""
-        if self.merged or self.r == 0:
-            return
-        delta = self.delta_weight()
-        self._save_unmerged()
-        self._assign_dense(self.weight + delta)
-        self.merged = True
+    def _drop_lora(self, name: str):
+        del self.lora_A, self.lora_B
 
     def _merges_on_eval(self) -> bool:
         return self.merge_weights and self.r > 0
@@ -253,14 +290,6 @@ class LoRALayer(ExactMerge, AdapterModule):
     def base_forward(self, x):
         """The frozen projection alone: x·W (+ b)."""
         return dense(x, self.weight, self.bias, self.fan_in_fan_out)
-
-    def execute(self, x):
-        self._sync_mode()
-        y = self.base_forward(x)
-        if self.r > 0 and not self.merged:
-            y = y + lora_update(x, self.lora_A, self.full_b(), self.scaling, self.gate, self._groups_n,
-                                self.lora_dropout, self.training)
-        return y
 
 
 class Linear(LoRALayer):
@@ -284,9 +313,8 @@ class Linear(LoRALayer):
         self._init_dense(in_features, out_features, fan_in_fan_out, bias)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition, lora_inhibition_slope)
         if r > 0:
-            self.lora_A = kaiming_uniform((r, in_features), in_features)
-            self.lora_B = jt.zeros((out_features, r), dtype="float32")
-            self.weight.stop_grad()
+            self._add_default(kaiming_uniform((r, in_features), in_features),
+                              jt.zeros((out_features, r), dtype="float32"))
 
 
 class Embedding(LoRALayer):
@@ -296,22 +324,22 @@ class Embedding(LoRALayer):
                  merge_weights: Optional[bool] = None):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = jt.array(np.random.normal(0, 1, (num_embeddings, embedding_dim)).astype("float32"))
+        self.fan_in_fan_out = False
         self._init_lora(r, lora_alpha, 0.0, merge_weights)
         if r > 0:
-            self.lora_A = jt.zeros((r, num_embeddings), dtype="float32")
-            self.lora_B = jt.array(np.random.normal(0, 1, (embedding_dim, r)).astype("float32"))
-            self.weight.stop_grad()
+            self._add_default(jt.zeros((r, num_embeddings), dtype="float32"),
+                              jt.array(np.random.normal(0, 1, (embedding_dim, r)).astype("float32")))
 
-    def delta_weight(self):
-        return jt.matmul(self.lora_B, self.lora_A).transpose() * self.scaling  # [num, dim]
+    def get_delta_weight(self, name: str = DEFAULT_ADAPTER):
+        a, b = self.lora_pair(name)
+        return jt.matmul(b, a).transpose() * self._scaling[name]  # [num, dim]
 
-    def execute(self, ids):
-        self._sync_mode()
-        y = self.weight[ids]
-        if self.r > 0 and not self.merged:
-            after_a = self.lora_A.transpose()[ids]  # [..., r]
-            y = y + nn.matmul_transpose(after_a, self.lora_B) * self.scaling
-        return y
+    def base_forward(self, ids):
+        return self.weight[ids]
+
+    def lora_forward(self, name: str, ids):
+        a, b = self.lora_pair(name)
+        return nn.matmul_transpose(a.transpose()[ids], b) * self._scaling[name]  # A's columns are the rows
 
 
 class MergedLinear(LoRALayer):
@@ -339,13 +367,8 @@ class MergedLinear(LoRALayer):
             raise ValueError(f"out_features={out_features} is not divisible into {len(enable_lora)} parts")
         self._init_dense(in_features, out_features, fan_in_fan_out, bias)
         self.enable_lora = enable_lora
-        self._enable = enable_lora
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, lora_inhibition, lora_inhibition_slope)
-        self._groups = sum(enable_lora)
-        self._part = out_features // len(enable_lora)
-        if r > 0 and self._groups > 0:
-            self.lora_A = kaiming_uniform((r * self._groups, in_features), in_features)
-            self.lora_B = jt.zeros((self._part * self._groups, r), dtype="float32")
-            self.weight.stop_grad()
-        else:
-            self.r = 0
+        groups, part = sum(enable_lora), out_features // len(enable_lora)
+        if r > 0 and groups > 0:
+            self._add_default(kaiming_uniform((r * groups, in_features), in_features),
+                              jt.zeros((part * groups, r), dtype="float32"), enable_lora)

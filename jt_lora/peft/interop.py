@@ -21,10 +21,11 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..models.adapter_files import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFileError, group_b, part_vector,
-                                    peft_config_json, read_adapter_files, write_adapter_dir)
+from ..models.adapter_files import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFileError, check_plan,
+                                    layer_file_plan, layer_file_state, peft_config_json, read_adapter_files,
+                                    write_adapter_dir)
 from ..nn.lora import INA_SLOPE
-from .config import IA3Config, LoraConfig, PeftConfig
+from .config import LoraConfig, PeftConfig
 from .layers import IA3Layer, LoraLayer, assign
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFileError", "peft_state_dict", "peft_config_dict",
@@ -43,12 +44,8 @@ def _adapter_state(tuner, adapter_name: str) -> Dict[str, np.ndarray]:
     for key, layer in tuner.tuner_layers():
         if adapter_name not in layer:
             continue
-        if isinstance(layer, LoraLayer):
-            out[f"{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight.numpy()
-            out[f"{key}.lora_B.weight"] = layer.full_b(adapter_name).numpy()
-        elif isinstance(layer, IA3Layer):
-            vec = layer.full_vector(adapter_name).numpy()
-            out[f"{key}.ia3_l"] = vec.reshape((1, -1) if layer.is_feedforward else (-1, 1))
+        if isinstance(layer, (LoraLayer, IA3Layer)):
+            out.update(layer_file_state(key, layer, adapter_name))
         else:
             for n, p in layer.modules_to_save[adapter_name].named_parameters():
                 out[f"{key}.{n}"] = p.numpy()
@@ -136,22 +133,8 @@ def _expected(tuner, name: str):
     for key, layer in tuner.tuner_layers():
         if name not in layer:
             continue
-        if isinstance(layer, LoraLayer):
-            a, b, enable = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.enable_lora[name]
-            plan[f"{key}.lora_A.weight"] = (a, None, tuple(a.shape))
-            if enable:
-                r = layer.r[name]
-                plan[f"{key}.lora_B.weight"] = (b, lambda arr, k, e=enable, r=r: group_b(arr, e, r, k),
-                                                (layer.out_features, r * sum(enable)))
-            else:
-                plan[f"{key}.lora_B.weight"] = (b, None, tuple(b.shape))
-        elif isinstance(layer, IA3Layer):
-            v, enable = layer.ia3_l[name], layer.enable_ia3[name]
-            if enable:
-                plan[f"{key}.ia3_l"] = (v, lambda arr, k, e=enable: part_vector(arr, e, k).reshape(-1, 1),
-                                        (layer.out_features, 1))
-            else:
-                plan[f"{key}.ia3_l"] = (v, None, tuple(v.shape))
+        if isinstance(layer, (LoraLayer, IA3Layer)):
+            plan.update(layer_file_plan(key, layer, name))
         else:
             for n, p in layer.modules_to_save[name].named_parameters():
                 plan[f"{key}.{n}"] = (p, None, tuple(p.shape))
@@ -169,18 +152,9 @@ def assign_state(tuner, name: str, state: Dict[str, np.ndarray], source: str, pe
     plan = _expected(tuner, name)
     if not peft_layout:
         plan = {k: (var, None, tuple(var.shape)) for k, (var, _, _) in plan.items()}
-    missing = sorted(set(plan) - set(state))
-    unexpected = sorted(set(state) - set(plan))
-    shapes = [f"{k}: file {list(state[k].shape)} vs model {list(plan[k][2])}"
-              for k in sorted(set(plan) & set(state)) if tuple(state[k].shape) != tuple(plan[k][2])]
-    if missing or unexpected or shapes:
-        parts = ([f"missing keys {missing[:6]}"] if missing else []) + \
-                ([f"unexpected keys {unexpected[:6]}"] if unexpected else []) + \
-                ([f"shape mismatch: {'; '.join(shapes[:6])}"] if shapes else [])
-        raise AdapterFileError(f"{source}: adapter does not fit the model: " + "; ".join(parts))
-    values = {k: (conv(state[k], k) if conv else state[k]) for k, (_, conv, _) in plan.items()}
+    values = check_plan(plan, state, source)
     for k, (var, _, _) in plan.items():
-        assign(var, np.ascontiguousarray(values[k], dtype=np.float32))
+        assign(var, values[k])
 
 
 def read_adapter(path, model, config: Optional[PeftConfig] = None):

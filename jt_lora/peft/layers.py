@@ -15,14 +15,13 @@ base weight and unmerging restores it, so unmerge is exact (dividing by an
 (IA)³ vector or subtracting a LoRA update is not).
 """
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..backend import jt, nn
-from ..nn.ia3 import ia3_scaled, ia3_vector
-from ..nn.lora import INA_SLOPE, ExactMerge, InhibitionGate, block_b, kaiming_uniform, lora_delta, lora_update, \
-    lora_variant
+from ..nn.ia3 import IA3AdapterLayer
+from ..nn.lora import INA_SLOPE, LoraAdapterLayer, kaiming_uniform, lora_variant
 from ..nn.modes import AdapterModule
 from ..nn.modes import assign_keep_trainable as assign
 
@@ -98,35 +97,26 @@ def clone_module(module):
     return new
 
 
-class TunerLayer(ExactMerge, AdapterModule):
-    """What every tuner layer shares: the base layer, active/merged bookkeeping, exact unmerge
-    (``ExactMerge``, the same bookkeeping as the loralib-style layers, on ``base_layer``)."""
+class TunerLayer:
+    """The PEFT-style front-end part every tuner layer shares: the wrapped ``base_layer`` (whose
+    parameters are ``<key>.base_layer.weight``) and the per-adapter containers. The math, activation
+    and exact merge/unmerge come from the adapter layer classes in ``jt_lora.nn``."""
 
     adapter_layer_names: Tuple[str, ...] = ()
 
-    def __init__(self, base_layer):
+    def _init_base(self, base_layer):
         info = linear_info(base_layer)
         if info is None:
             raise TypeError(f"cannot adapt {type(base_layer).__name__}: only plain dense layers (jt_lora Linear "
                             f"with r=0, jittor nn.Linear) are supported")
         self.base_layer = base_layer
         self.in_features, self.out_features, self.fan_in_fan_out = info
-        self.active_adapters: List[str] = []
-        self.merged_adapters: List[str] = []
-        self.disabled = False
 
     def _dense(self):
         return self.base_layer
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    def adapter_names(self) -> List[str]:
-        return list(getattr(self, self.adapter_layer_names[0]).keys())
-
-    def __contains__(self, name) -> bool:
-        return name in getattr(self, self.adapter_layer_names[0])
+    def base_forward(self, x):
+        return self.base_layer(x)
 
     def adapter_params(self, name) -> list:
         out = []
@@ -135,70 +125,48 @@ class TunerLayer(ExactMerge, AdapterModule):
             out.extend([item] if isinstance(item, jt.Var) else item.parameters())
         return out
 
-    def set_adapter(self, names: Sequence[str]):
-        self.active_adapters = [n for n in names if n in self]
 
-    def delete_adapter(self, name):
-        if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
-        for container in self.adapter_layer_names:
-            del getattr(self, container)[name]
-        self._forget(name)
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    def _forget(self, name):
-        """Drop the per-adapter settings a subclass keeps."""
-
-    # merging, in two phases so that a whole model can be checked before anything changes
-    def merged_state(self, names: Sequence[str]):
-        """(weight, bias) with ``names`` folded into the current weights; the layer is not touched."""
-        raise NotImplementedError
-
-    def apply_merge(self, names: Sequence[str], weight, bias):
-        self._save_unmerged()
-        self._assign_dense(weight, bias)
-        self.merged_adapters.extend(names)
-
-    def unmerge(self):
-        """Restore the weights saved at the first merge: bit-identical to before merging."""
-        self._restore_unmerged()
-        self.merged_adapters = []
-
-    def _pending(self) -> List[str]:
-        """Active adapters that forward must still apply (not disabled, not merged)."""
-        if self.disabled:
-            return []
-        return [n for n in self.active_adapters if n not in self.merged_adapters]
-
-
-class LoraLayer(TunerLayer):
-    """LoRA / InA adapters on one dense layer: ``y = W·x + Σ_active scaling·B·gate(A·dropout(x))``.
-
-    A plain adapter has ``lora_A [r, in]`` and ``lora_B [out, r]`` (PEFT's layout). A grouped one
-    (``enable_lora`` on a fused layer) has loralib ``MergedLinear``'s ``lora_A [r·g, in]`` and
-    ``lora_B [part·g, r]``: one rank-``r`` pair per enabled part, the other parts untouched.
-    ``full_b`` spreads the grouped B into ``[out, r·g]`` with zero blocks; the forward and
-    ``get_delta_weight`` both go through it, so they cannot disagree. The forward keeps the
-    factored form (dropout and the InA gate act on ``A·x``; it is also cheaper than a full delta).
+class LoraLayer(TunerLayer, LoraAdapterLayer):
+    """The PEFT-style LoRA front-end: ``y = W·x + Σ_active scaling·B·gate(A·dropout(x))`` with each
+    named adapter's factors in ``lora_A.<name>.weight`` / ``lora_B.<name>.weight`` and its settings
+    as dicts by name (``layer.r["default"]``). A plain adapter has PEFT's ``lora_A [r, in]`` and
+    ``lora_B [out, r]``; a grouped one (``enable_lora`` on a fused layer) loralib ``MergedLinear``'s
+    ``[r·g, in]`` / ``[part·g, r]``. Everything else is ``LoraAdapterLayer``'s.
     """
 
     adapter_layer_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer):
-        super().__init__(base_layer)
+        self._init_base(base_layer)
+        self._init_lora_settings()
+        self.active_adapters = []  # PEFT activates adapters through the tuner, not on adding
         self.lora_A = ModuleDict()
         self.lora_B = ModuleDict()
-        self.r: Dict[str, int] = {}
-        self.lora_alpha: Dict[str, float] = {}
-        self.scaling: Dict[str, float] = {}
-        self.lora_dropout: Dict[str, float] = {}
-        self.enable_lora: Dict[str, Optional[Tuple[bool, ...]]] = {}
-        self.gate: Dict[str, InhibitionGate] = {}
+
+    # per-adapter settings, by name (the dicts themselves: a change is seen by the layer)
+    r = property(lambda self: self._r)
+    lora_alpha = property(lambda self: self._alpha)
+    scaling = property(lambda self: self._scaling)
+    lora_dropout = property(lambda self: self._dropout)
+    enable_lora = property(lambda self: self._enable)
+    gate = property(lambda self: self._gate)
+
+    def lora_pair(self, name: str):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _store_lora(self, name: str, a, b):
+        self.lora_A[name] = LoraWeight(a)
+        self.lora_B[name] = LoraWeight(b)
+
+    def _drop_lora(self, name: str):
+        del self.lora_A[name]
+        del self.lora_B[name]
 
     def update_layer(self, name: str, r: int, lora_alpha: float, scaling: float, lora_dropout: float = 0.0,
                      lora_inhibition: float = 0.0, enable_lora: Optional[Sequence[bool]] = None,
                      init_lora_weights=True, lora_inhibition_slope: float = INA_SLOPE):
-        """Add adapter ``name``; ``enable_lora`` applies only when ``out == len(enable_lora)·in``."""
+        """Add adapter ``name`` (inactive until the tuner activates it) with PEFT's initialisations;
+        ``enable_lora`` applies only when ``out == len(enable_lora)·in``."""
         n_in, n_out = self.in_features, self.out_features
         enable = tuple(enable_lora) if enable_lora is not None and n_out == len(enable_lora) * n_in else None
         g = sum(enable) if enable else 1
@@ -208,103 +176,49 @@ class LoraLayer(TunerLayer):
         else:
             a = kaiming_uniform((r * g, n_in), n_in)
         b = kaiming_uniform((part * g, r), r) if init_lora_weights is False else jt.zeros((part * g, r), "float32")
-        self.lora_A[name] = LoraWeight(a)
-        self.lora_B[name] = LoraWeight(b)
-        self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
-        self.lora_dropout[name] = float(lora_dropout)
-        self.enable_lora[name] = enable
-        self.gate[name] = lora_variant(lora_inhibition, lora_inhibition_slope)
-
-    def _forget(self, name):
-        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.enable_lora, self.gate):
-            d.pop(name, None)
-
-    def groups(self, name) -> int:
-        enable = self.enable_lora[name]
-        return sum(enable) if enable else 1
-
-    def full_b(self, name):
-        """``lora_B`` as ``[out, r·g]`` (grouped adapters spread into zero blocks)."""
-        return block_b(self.lora_B[name].weight, self.enable_lora[name], self.r[name])
-
-    def get_delta_weight(self, name):
-        """``scaling · B·A`` in the base weight's layout (``[in, out]`` when fan_in_fan_out)."""
-        return lora_delta(self.lora_A[name].weight, self.full_b(name), self.scaling[name], self.fan_in_fan_out,
-                          self.gate[name], f"adapter {name!r}")
-
-    def merged_state(self, names):
-        w = self.base_layer.weight
-        for name in names:
-            w = w + self.get_delta_weight(name)
-        return w, None
-
-    def lora_forward(self, name, x):
-        return lora_update(x, self.lora_A[name].weight, self.full_b(name), self.scaling[name], self.gate[name],
-                           self.groups(name), self.lora_dropout[name], self.training)
-
-    def execute(self, x):
-        y = self.base_layer(x)
-        for name in self._pending():
-            y = y + self.lora_forward(name, x)
-        return y
+        active = list(self.active_adapters)
+        self.add_lora(name, a, b, r, lora_alpha, scaling, lora_dropout, enable,
+                      lora_variant(lora_inhibition, lora_inhibition_slope))
+        self.active_adapters = active
 
 
-class IA3Layer(TunerLayer):
-    """(IA)³ vectors on one dense layer, in PEFT's shapes: ``ia3_l [out, 1]`` rescales the output
-    (and the bias), or ``[1, in]`` on a feed-forward layer rescales the input. Several active
-    adapters multiply, as in PEFT. With ``enable_ia3`` (jt_lora's per-part mask, as ``enable_lora``)
-    a fused output keeps only the enabled parts' entries (``[part·g, 1]``); the others are ones."""
+class IA3Layer(TunerLayer, IA3AdapterLayer):
+    """The PEFT-style (IA)³ front-end: each named adapter's vector in ``ia3_l.<name>``, PEFT's shapes
+    ``[out, 1]`` (output side) or ``[1, in]`` (feed-forward: the input). With ``enable_ia3`` (jt_lora's
+    per-part mask, as ``enable_lora``) a fused output keeps only the enabled parts' entries
+    (``[part·g, 1]``). Everything else is ``IA3AdapterLayer``'s."""
 
     adapter_layer_names = ("ia3_l",)
 
     def __init__(self, base_layer, is_feedforward: bool):
-        super().__init__(base_layer)
-        self.is_feedforward = bool(is_feedforward)
+        self._init_base(base_layer)
+        self._init_ia3_settings(is_feedforward)
+        self.active_adapters = []
         self.ia3_l = ParameterDict()
-        self.enable_ia3: Dict[str, Optional[Tuple[bool, ...]]] = {}
+
+    enable_ia3 = property(lambda self: self._ia3_enable)
+
+    def ia3_vector_of(self, name: str):
+        return self.ia3_l[name]
+
+    def _store_ia3(self, name: str, value):
+        self.ia3_l[name] = value
+
+    def _drop_ia3(self, name: str):
+        del self.ia3_l[name]
 
     def update_layer(self, name: str, init_ia3_weights: bool = True, enable_ia3: Optional[Sequence[bool]] = None):
-        """Add adapter ``name``; ``enable_ia3`` applies only to an output-side vector of a fused layer
-        (``out == len(enable_ia3)·in``), as ``enable_lora`` does."""
+        """Add adapter ``name`` (inactive until the tuner activates it); ``enable_ia3`` applies only to an
+        output-side vector of a fused layer (``out == len(enable_ia3)·in``), as ``enable_lora`` does."""
         n_in, n_out = self.in_features, self.out_features
         enable = tuple(enable_ia3) if enable_ia3 is not None and not self.is_feedforward \
             and n_out == len(enable_ia3) * n_in and not all(enable_ia3) else None
         size = n_out // len(enable) * sum(enable) if enable else n_out
         shape = (1, n_in) if self.is_feedforward else (size, 1)
         value = np.ones(shape) if init_ia3_weights else np.random.normal(1.0, 0.1, shape)
-        self.ia3_l[name] = jt.array(value.astype("float32"))
-        self.enable_ia3[name] = enable
-
-    def _forget(self, name):
-        self.enable_ia3.pop(name, None)
-
-    def full_vector(self, name):
-        """Adapter ``name``'s vector over the whole axis (``[in]`` or ``[out]``; ones on parts left alone)."""
-        enable = self.enable_ia3.get(name)
-        return ia3_vector(self.ia3_l[name], enable, self.out_features // len(enable) if enable else 0)
-
-    def get_scaling_vector(self, names: Sequence[str]):
-        """Product of the named vectors over the whole axis; the one function that defines what the
-        adapters do, used by forward and merge."""
-        vec = None
-        for name in names:
-            v = self.full_vector(name)
-            vec = v if vec is None else vec * v
-        return vec
-
-    def merged_state(self, names):
-        base = self.base_layer
-        return ia3_scaled(base.weight, base.bias, self.get_scaling_vector(names), self.fan_in_fan_out,
-                          self.is_feedforward)
-
-    def execute(self, x):
-        pending = self._pending()
-        if not pending:
-            return self.base_layer(x)
-        vec = self.get_scaling_vector(pending)
-        if self.is_feedforward:
-            return self.base_layer(x * vec)
-        return self.base_layer(x) * vec
+        active = list(self.active_adapters)
+        self.add_ia3(name, jt.array(value.astype("float32")), enable)
+        self.active_adapters = active
 
 
 class ModulesToSaveWrapper(AdapterModule):
