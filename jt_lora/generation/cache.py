@@ -190,14 +190,20 @@ class DecodeCache(KVCache):
         r, _, c3 = qkv.shape
         if r != len(self.prompt_of_row):
             raise ValueError(f"{r} rows fed, but the step was started for {len(self.prompt_of_row)}")
+        inputs, data = self.layer_inputs(layer)
+        out = jt.code((r, c3 // 3), "float32", [qkv.reshape(r, c3)] + inputs,
+                      cpu_header=_HEADER, cpu_src=_SRC, data=data)
+        return out.reshape(r, 1, c3 // 3), None
+
+    def layer_inputs(self, layer: int):
+        """What this step's attention for ``layer`` reads, after the ``qkv`` input: the op inputs
+        (prompt keys, values, key mask, each row's prompt, ancestry) and the run-time data (slot,
+        rows per slot, sqrt(D), k/v buffer addresses). Shared with ``nn.decode_block``'s fused block."""
         buf = self.buffer[layer]
         data = {"t": float(self.t), "cap": float(self.rows_cap), "sqrt_d": float(np.sqrt(self.head_dim)),
                 "k_addr": float(buf[0].ctypes.data), "v_addr": float(buf[1].ctypes.data)}
-        out = jt.code((r, c3 // 3), "float32",
-                      [qkv.reshape(r, c3), self.prompt_k[layer], self.prompt_v[layer], self.prompt_mask,
-                       self._rows_var, self._ancestry_var],
-                      cpu_header=_HEADER, cpu_src=_SRC, data=data)
-        return out.reshape(r, 1, c3 // 3), None
+        return [self.prompt_k[layer], self.prompt_v[layer], self.prompt_mask, self._rows_var,
+                self._ancestry_var], data
 
     def finish(self):
         return self

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import jt
+from ..nn.decode_block import FusedDecoder
 from ..nn.kernels import batched_matmul, fast_path_available, small_rows_matmul, use_small_rows
 from .cache import DecodeCache, GatheredCache
 
@@ -48,11 +49,17 @@ class CachedStepper:
             attention_mask=jt.array(mask) if padded else None)
         self.first_logits = last_logits(self.head, hidden)
         self.cache = cache_cls(presents, mask if padded else None, rows, steps)
+        # a whole block per op where it applies (CPU, eval, merged adapters): nn.decode_block
+        self.fused = FusedDecoder.for_model(model) if cache_cls is DecodeCache else None
 
     def step(self, src: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         self.cache.advance(src)
         self.next_pos = self.next_pos[src]
         rows = len(src)
+        if self.fused is not None:
+            logits = self.fused.step(self.cache, tokens, self.next_pos)
+            self.next_pos = self.next_pos + 1
+            return logits
         hidden, _, _ = self.model.transformer(
             jt.array(tokens.astype(np.int32).reshape(rows, 1)), past=self.cache,
             position_ids=jt.array(self.next_pos.astype(np.int32).reshape(rows, 1)))

@@ -1,0 +1,558 @@
+"""A whole GPT-2 block of a beam-search step in one CPU op, and the tied LM head in another.
+
+A decoding step multiplies a few rows (batch x beam) by every weight, so it is bound by reading
+the weights. Through the model's own path a block is ~8 Jittor ops (layer norms, four few-row
+products, the decode cache's attention, GELU, residual adds), each its own OpenMP region; a step
+of GPT-2 S ran ~100 regions and its threads spent much of their time forking and joining. Here:
+
+* :func:`block_step`: ``ln_1 -> c_attn -> attention over the DecodeCache -> c_proj -> + x -> ln_2
+  -> c_fc -> GELU -> mlp.c_proj -> + x`` is one ``jt.code`` op with one ``#pragma omp parallel``
+  region and a barrier between phases (4 per block). Layer norms are computed by every thread for
+  all rows into its own buffer (a few thousand floats), which saves two barriers.
+* :func:`head_step`: ``ln_f`` and the tied LM head in one region.
+* The weights are repacked once (:class:`PackedWeights`) into strips of 32 output columns, each
+  strip one contiguous ``[in, 32]`` block, and thread ``i`` of ``n`` takes strips ``[S*i/n,
+  S*(i+1)/n)``: one sequential stream per thread per matrix. The rows (at most 12 per pass with
+  AVX-512) sit in registers, two vectors of accumulators each, as in ``kernels.small_rows_matmul``.
+  Memory: one extra copy of every block weight and of the head (GPT-2 S: 340 + 154 MB, GPT-2 M:
+  1.21 GB + 206 MB), in one anonymous mapping aligned to 2 MB and advised ``MADV_HUGEPAGE`` where
+  transparent huge pages allow it (``JT_LORA_DECODE_HUGEPAGES=0``: not advised).
+* GELU is GPT-2's tanh form written as ``y / (1 + exp(-2u))`` (``1 + tanh(u) = 2 sigmoid(2u)``)
+  with a vector ``exp`` (range reduction, degree-7 polynomial, relative error ~2e-7).
+
+Every output element is summed in the same order whatever the thread count, so results do not
+depend on it. The math equals the model's path to float rounding (tests: ``tests/test_decode_block.py``).
+
+When it applies (:func:`FusedDecoder.for_model`): CPU fast path, ``JT_LORA_FUSED_DECODE`` not
+``0``, the model in eval mode, float32, every block the plain GPT-2 block whose four projections
+are plain (LoRA / (IA)3 merged into the weights: no adapter left for the forward to apply; an InA
+layer never merges, so an InA model keeps the model's path), and no int8 weights. The packed copy
+is keyed on the Jittor ids of every tensor it was built from (an ``update``/``assign`` gives a
+tensor a new id, and ``train()``/``eval()`` re-assign merged weights), so changed weights are
+repacked and a model in train mode drops its copy.
+
+Threads (:func:`decode_threads`): ``JT_LORA_DECODE_THREADS`` if set, else the CPUs this process
+may run on (``os.sched_getaffinity``) capped by ``OMP_NUM_THREADS``. With spinning barriers, one
+thread too many on a loaded machine costs far more than it brings, so the decoder also calibrates
+online: it times steps with ``n`` and ``n - 1`` threads alternately for a few steps, keeps the
+faster, and checks again every 32 steps (the results do not change with the count).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import time
+import weakref
+from typing import List, Optional
+
+import numpy as np
+
+from ..backend import jt
+from .kernels import fast_path_available
+
+__all__ = ["FusedDecoder", "PackedWeights", "block_step", "head_step", "fused_decode_enabled",
+           "decode_threads", "plain_dense", "STRIP"]
+
+STRIP = 32          # output columns per packed strip
+_ALIGN = 2 << 20    # huge-page alignment of the packed buffer
+
+_HEADER = r"""
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX512F__)
+#define JDB_VEC 16
+#define JDB_MB 12
+#elif defined(__AVX__)
+#define JDB_VEC 8
+#define JDB_MB 3
+#else
+#define JDB_VEC 4
+#define JDB_MB 2
+#endif
+#define JDB_S 32
+#define JDB_NV (JDB_S / JDB_VEC)
+#ifndef JDB_PF
+#define JDB_PF 16
+#endif
+typedef float jdb_vec __attribute__((vector_size(JDB_VEC * 4)));
+typedef int jdb_ivec __attribute__((vector_size(JDB_VEC * 4)));
+static inline jdb_vec jdb_load(const float* p) { jdb_vec v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void jdb_store(float* p, jdb_vec v) { __builtin_memcpy(p, &v, sizeof v); }
+static inline jdb_vec jdb_splat(float x) { jdb_vec v; for (int i = 0; i < JDB_VEC; i++) v[i] = x; return v; }
+static inline long long jdb_pad(long long n) { return (n + JDB_S - 1) / JDB_S * JDB_S; }
+
+// exp(z) for z in [-87, 88] (clamped): 2^(z log2 e) = 2^n * 2^(f - 1/2) * sqrt(2), f in [0, 1)
+static inline jdb_vec jdb_exp(jdb_vec z) {
+    const jdb_vec lo = jdb_splat(-87.f), hi = jdb_splat(88.f);
+    z = z < lo ? lo : z;
+    z = z > hi ? hi : z;
+    const jdb_vec zp = z * 1.4426950408889634f + 128.f;          // in [2.5, 255)
+    const jdb_ivec n = __builtin_convertvector(zp, jdb_ivec);      // floor (zp > 0)
+    const jdb_vec g = (zp - __builtin_convertvector(n, jdb_vec) - 0.5f) * 0.6931471805599453f;
+    jdb_vec p = jdb_splat(1.f / 5040.f);                           // e^g, |g| <= ln2 / 2: Taylor to g^7
+    p = p * g + 1.f / 720.f; p = p * g + 1.f / 120.f; p = p * g + 1.f / 24.f;
+    p = p * g + 1.f / 6.f;   p = p * g + 0.5f;        p = p * g + 1.f;  p = p * g + 1.f;
+    const jdb_ivec bits = (n - 1) << 23;                           // 2^(n - 128) as a float
+    jdb_vec scale; __builtin_memcpy(&scale, &bits, sizeof scale);
+    return p * scale * 1.4142135623730951f;
+}
+// GPT-2's gelu: 0.5 y (1 + tanh(u)) = y / (1 + exp(-2u)), u = sqrt(2/pi) (y + 0.044715 y^3)
+static inline jdb_vec jdb_gelu(jdb_vec y) {
+    const jdb_vec u = 0.7978845608028654f * (y + 0.044715f * y * y * y);
+    return y / (1.f + jdb_exp(-2.f * u));
+}
+
+// one strip: acc[MB][S] = xT[K][MB]^T . w[K][S] (w: the packed strip), then + bias, GELU if asked
+template <int MB>
+static inline void jdb_strip(const float* __restrict xT, const float* __restrict w, long long K,
+                             const float* __restrict bias, bool gelu, float* __restrict tile) {
+    jdb_vec acc[MB][JDB_NV];
+    for (int r = 0; r < MB; r++) for (int v = 0; v < JDB_NV; v++) acc[r][v] = (jdb_vec){};
+    for (long long k = 0; k < K; k++, w += JDB_S) {
+        for (int v = 0; v < JDB_S * 4; v += 64) __builtin_prefetch(w + JDB_PF * JDB_S + v / 4);
+        jdb_vec wv[JDB_NV];
+        for (int v = 0; v < JDB_NV; v++) wv[v] = jdb_load(w + v * JDB_VEC);
+        for (int r = 0; r < MB; r++) {
+            const float xs = xT[k * MB + r];
+            for (int v = 0; v < JDB_NV; v++) acc[r][v] += xs * wv[v];
+        }
+    }
+    for (int r = 0; r < MB; r++)
+        for (int v = 0; v < JDB_NV; v++) {
+            jdb_vec y = acc[r][v];
+            if (bias) y += jdb_load(bias + v * JDB_VEC);
+            if (gelu) y = jdb_gelu(y);
+            jdb_store(tile + r * JDB_S + v * JDB_VEC, y);
+        }
+}
+
+// Y[R, N] = epi(X[R, K] . W + bias) (+ resid) over this thread's strips. W packed [ceil(N/S)][K][S];
+// bias padded to a whole strip (or null). xT: this thread's scratch, R * K floats.
+static void jdb_matmul(const float* X, long long R, long long K, const float* W, long long N,
+                       const float* bias, bool gelu, const float* resid, float* Y,
+                       int tid, int nt, float* xT) {
+    const long long ns = (N + JDB_S - 1) / JDB_S, s0 = ns * tid / nt, s1 = ns * (tid + 1) / nt;
+    if (s0 >= s1) return;
+    // the rows transposed, in chunks of at most JDB_MB: chunk c is [K][mb_c]
+    for (long long r0 = 0; r0 < R; r0 += JDB_MB) {
+        const long long mb = std::min<long long>(JDB_MB, R - r0);
+        float* xc = xT + r0 * K;
+        for (long long r = 0; r < mb; r++)
+            for (long long k = 0; k < K; k++) xc[k * mb + r] = X[(r0 + r) * K + k];
+    }
+    float tile[JDB_MB * JDB_S];
+    for (long long s = s0; s < s1; s++) {
+        const float* w = W + s * K * JDB_S;
+        const float* b = bias ? bias + s * JDB_S : nullptr;
+        const long long j0 = s * JDB_S, cn = std::min<long long>(JDB_S, N - j0);
+        for (long long r0 = 0; r0 < R; r0 += JDB_MB) {
+            const int mb = (int)std::min<long long>(JDB_MB, R - r0);
+            const float* xc = xT + r0 * K;
+            switch (mb) {
+#define JDB_CASE(m) case m: jdb_strip<(m <= JDB_MB ? m : 1)>(xc, w, K, b, gelu, tile); break;
+                JDB_CASE(1) JDB_CASE(2) JDB_CASE(3) JDB_CASE(4) JDB_CASE(5) JDB_CASE(6)
+                JDB_CASE(7) JDB_CASE(8) JDB_CASE(9) JDB_CASE(10) JDB_CASE(11) JDB_CASE(12)
+#undef JDB_CASE
+            }
+            for (int r = 0; r < mb; r++) {
+                float* y = Y + (r0 + r) * N + j0;
+                const float* t = tile + r * JDB_S;
+                if (resid) { const float* x = resid + (r0 + r) * N + j0; for (long long c = 0; c < cn; c++) y[c] = x[c] + t[c]; }
+                else for (long long c = 0; c < cn; c++) y[c] = t[c];
+            }
+        }
+    }
+}
+
+// the reference's layer norm of every row: w * (x - mean) / sqrt(var + eps) + b
+static void jdb_layernorm(const float* X, long long R, long long C, const float* w, const float* b,
+                          float eps, float* Y) {
+    for (long long r = 0; r < R; r++) {
+        const float* x = X + r * C; float* y = Y + r * C;
+        float u = 0.f;
+        for (long long c = 0; c < C; c++) u += x[c];
+        u /= (float)C;
+        float s = 0.f;
+        for (long long c = 0; c < C; c++) { const float d = x[c] - u; s += d * d; }
+        s /= (float)C;
+        const float inv = 1.f / std::sqrt(s + eps);
+        for (long long c = 0; c < C; c++) y[c] = w[c] * ((x[c] - u) * inv) + b[c];
+    }
+}
+"""
+
+# in0 x [R, C]; in1/in2 prompt keys/values [P, H, Tp, D]; in3 prompt key mask [P, Tp]; in4 each
+# row's prompt [R] int32; in5 ancestry [R, >= t] int32 -> out0 [R, C], the block's output.
+# data: the DecodeCache's (t, cap, k/v buffer addresses, sqrt_d) and the packed block's address,
+# eps and the thread count. The packed block: ln_1 w, b, c_attn b, attn.c_proj b, ln_2 w, b, c_fc b,
+# mlp.c_proj b (each padded to whole strips), then the four weights as strips.
+_BLOCK_SRC = r"""
+const long long R = in0_shape0, C = in0_shape1, C3 = 3 * C, C4 = 4 * C;
+const long long H = in1_shape1, Tp = in1_shape2, D = in1_shape3, ld_path = in5_shape1;
+const long long t = (long long)data["t"], cap = (long long)data["cap"];
+float* Kb = (float*)(uintptr_t)data["k_addr"];
+float* Vb = (float*)(uintptr_t)data["v_addr"];
+const float sqrt_d = (float)data["sqrt_d"], eps = (float)data["eps"];
+const int nt_asked = (int)data["threads"];
+const float* P = (const float*)(uintptr_t)data["w_addr"];
+const long long p1 = jdb_pad(C), p3 = jdb_pad(C3), p4 = jdb_pad(C4);
+const float* ln1w = P; const float* ln1b = ln1w + p1; const float* b_attn = ln1b + p1;
+const float* b_proj = b_attn + p3; const float* ln2w = b_proj + p1; const float* ln2b = ln2w + p1;
+const float* b_fc = ln2b + p1; const float* b_mp = b_fc + p4;
+const float* W_attn = P + (long long)data["w_off"];
+const float* W_proj = W_attn + C * p3; const float* W_fc = W_proj + C * p1; const float* W_mp = W_fc + C * p4;
+const float* X = in0_p; float* Y = out0_p;
+std::vector<float> shared((size_t)(R * (C3 + C + C + C4)));
+float* qkv = shared.data(); float* A = qkv + R * C3; float* X1 = A + R * C; float* F = X1 + R * C;
+#pragma omp parallel num_threads(nt_asked)
+{
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float> xT((size_t)(R * C4)), h((size_t)(R * C));
+    jdb_layernorm(X, R, C, ln1w, ln1b, eps, h.data());
+    jdb_matmul(h.data(), R, C, W_attn, C3, b_attn, false, nullptr, qkv, tid, nt, xT.data());
+    #pragma omp barrier
+    {   // attention of each (row, head) over its prompt and its ancestry (as DecodeCache.attend)
+        std::vector<float> w(Tp + t + 1);
+        std::vector<const float*> vrow(Tp + t + 1);
+        #pragma omp for collapse(2) schedule(static)
+        for (long long r = 0; r < R; r++)
+            for (long long hh = 0; hh < H; hh++) {
+                const float* q = qkv + r * C3 + hh * D;
+                std::memcpy(Kb + (t * cap + r) * C + hh * D, qkv + r * C3 + C + hh * D, D * sizeof(float));
+                std::memcpy(Vb + (t * cap + r) * C + hh * D, qkv + r * C3 + 2 * C + hh * D, D * sizeof(float));
+                const long long p = in4_p[r];
+                const float* pk = in1_p + (p * H + hh) * Tp * D;
+                const float* pv = in2_p + (p * H + hh) * Tp * D;
+                const float* pm = in3_p + p * Tp;
+                long long n = 0;
+                for (long long j = 0; j < Tp; j++, n++) {
+                    float s = 0.f;
+                    for (long long d = 0; d < D; d++) s += q[d] * pk[j * D + d];
+                    w[n] = pm[j] > 0.f ? s / sqrt_d : -1e10f;
+                    vrow[n] = pv + j * D;
+                }
+                for (long long s = 0; s <= t; s++, n++) {
+                    const long long row = s < t ? in5_p[r * ld_path + s] : r;
+                    const float* k = Kb + (s * cap + row) * C + hh * D;
+                    float a = 0.f;
+                    for (long long d = 0; d < D; d++) a += q[d] * k[d];
+                    w[n] = a / sqrt_d;
+                    vrow[n] = Vb + (s * cap + row) * C + hh * D;
+                }
+                float mx = w[0];
+                for (long long j = 1; j < n; j++) mx = w[j] > mx ? w[j] : mx;
+                float sum = 0.f;
+                for (long long j = 0; j < n; j++) { w[j] = std::exp(w[j] - mx); sum += w[j]; }
+                float* o = A + r * C + hh * D;
+                for (long long d = 0; d < D; d++) o[d] = 0.f;
+                for (long long j = 0; j < n; j++) {
+                    const float pj = w[j] / sum;
+                    const float* v = vrow[j];
+                    for (long long d = 0; d < D; d++) o[d] += pj * v[d];
+                }
+            }
+    }   // the for's barrier
+    jdb_matmul(A, R, C, W_proj, C, b_proj, false, X, X1, tid, nt, xT.data());
+    #pragma omp barrier
+    jdb_layernorm(X1, R, C, ln2w, ln2b, eps, h.data());
+    jdb_matmul(h.data(), R, C, W_fc, C4, b_fc, true, nullptr, F, tid, nt, xT.data());
+    #pragma omp barrier
+    jdb_matmul(F, R, C4, W_mp, C, b_mp, false, X1, Y, tid, nt, xT.data());
+}
+"""
+
+# in0 x [R, C] (before ln_f) -> out0 logits [R, V]. data: the packed head (ln_f w, b padded, then
+# wte^T as strips), V, eps, threads.
+_HEAD_SRC = r"""
+const long long R = in0_shape0, C = in0_shape1, V = out0_shape1;
+const float eps = (float)data["eps"];
+const int nt_asked = (int)data["threads"];
+const float* P = (const float*)(uintptr_t)data["w_addr"];
+const float* lnw = P; const float* lnb = P + jdb_pad(C);
+const float* W = P + (long long)data["w_off"];
+#pragma omp parallel num_threads(nt_asked)
+{
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float> xT((size_t)(R * C)), h((size_t)(R * C));
+    jdb_layernorm(in0_p, R, C, lnw, lnb, eps, h.data());
+    jdb_matmul(h.data(), R, C, W, V, nullptr, false, nullptr, out0_p, tid, nt, xT.data());
+}
+"""
+
+
+def fused_decode_enabled() -> bool:
+    """The fused step is on unless ``JT_LORA_FUSED_DECODE=0`` (and needs the CPU fast path)."""
+    return os.environ.get("JT_LORA_FUSED_DECODE", "1") != "0" and fast_path_available()
+
+
+def _hugepages_enabled() -> bool:
+    if os.environ.get("JT_LORA_DECODE_HUGEPAGES", "1") == "0":
+        return False
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+def decode_threads() -> int:
+    """Threads for the fused step: ``JT_LORA_DECODE_THREADS``, else the CPUs this process may use,
+    capped by ``OMP_NUM_THREADS``."""
+    env = os.environ.get("JT_LORA_DECODE_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    return max(1, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which layers are plain products
+
+def _pending(layer) -> bool:
+    """Whether ``layer``'s forward still applies an adapter on top of ``x @ W + b``."""
+    if hasattr(layer, "_pending"):                  # the AdapterLayer family
+        return bool(layer._pending())
+    if type(layer).__name__ == "IA3Linear":         # single-adapter layers of older versions
+        return not getattr(layer, "merged", False)
+    return getattr(layer, "r", 0) > 0 and not getattr(layer, "merged", False)
+
+
+def plain_dense(layer):
+    """``(W [in, out] Var, bias Var or None)`` when ``layer``'s forward is exactly ``x @ W + b``
+    in float32 (no adapter left to apply, Conv1D or Linear layout), else None."""
+    if type(layer).__name__ not in ("Linear", "MergedLinear", "IA3Linear") or _pending(layer):
+        return None
+    dense = layer._dense() if hasattr(layer, "_dense") else layer
+    w, b = getattr(dense, "weight", None), getattr(dense, "bias", None)
+    if not isinstance(w, jt.Var) or w.ndim != 2 or w.dtype != "float32":
+        return None
+    if b is not None and (not isinstance(b, jt.Var) or b.dtype != "float32"):
+        return None
+    fan = getattr(layer, "fan_in_fan_out", None)
+    if fan is None:
+        return None
+    return (w if fan else w.transpose(1, 0)), b
+
+
+def _is(obj, name: str) -> bool:
+    return type(obj).__name__ == name and type(obj).__module__.endswith("models.gpt2")
+
+
+def _block_tensors(block):
+    """The tensors of one block in packing order, or None when the block cannot be fused."""
+    if not (_is(block, "Block") and _is(block.attn, "Attention") and _is(block.mlp, "MLP")
+            and _is(block.ln_1, "LayerNorm") and _is(block.ln_2, "LayerNorm")):
+        return None
+    if block.is_train or block.ln_1.eps != block.ln_2.eps:
+        return None
+    layers = [plain_dense(m) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    if any(x is None for x in layers):
+        return None
+    return dict(ln1=(block.ln_1.weight, block.ln_1.bias), ln2=(block.ln_2.weight, block.ln_2.bias),
+                attn=layers[0], proj=layers[1], fc=layers[2], mproj=layers[3], eps=block.ln_1.eps)
+
+
+def _pad(n: int) -> int:
+    return (n + STRIP - 1) // STRIP * STRIP
+
+
+# ----------------------------------------------------------------------------------------------
+# The packed copy
+
+class PackedWeights:
+    """One 2 MB-aligned float32 buffer (advised ``MADV_HUGEPAGE`` when allowed) holding every
+    block's vectors and strip-packed weights, then ``ln_f`` and the strip-packed ``wte^T``."""
+
+    def __init__(self, blocks: List[dict], ln_f, wte, head: bool = True):
+        c = int(wte.shape[1])
+        self.n_embd, self.vocab = c, int(wte.shape[0])
+        p1, p3, p4 = _pad(c), _pad(3 * c), _pad(4 * c)
+        vec_floats = 4 * p1 + p3 + p1 + p4 + p1
+        self.block_w_off = vec_floats   # a multiple of 32 floats: the weights start 128-byte aligned
+        block_floats = self.block_w_off + c * p3 + c * p1 + c * p4 + 4 * c * p1
+        block_floats = (block_floats + 1023) // 1024 * 1024
+        self.head_w_off = 2 * p1
+        head_floats = self.head_w_off + c * _pad(self.vocab) if head else 0
+        total = block_floats * len(blocks) + head_floats
+        nbytes = total * 4
+        self._map = mmap.mmap(-1, nbytes + _ALIGN)
+        raw = np.frombuffer(self._map, np.uint8)
+        start = (-raw.ctypes.data) % _ALIGN
+        self.hugepages = False
+        if _hugepages_enabled() and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+                self.hugepages = True
+            except OSError:
+                pass
+        self.buf = raw[start:start + nbytes].view(np.float32)
+        self.nbytes = nbytes
+        self.block_addr = []
+        for i, t in enumerate(blocks):
+            seg = self.buf[i * block_floats:(i + 1) * block_floats]
+            vecs = [(t["ln1"][0], p1), (t["ln1"][1], p1), (t["attn"][1], p3), (t["proj"][1], p1),
+                    (t["ln2"][0], p1), (t["ln2"][1], p1), (t["fc"][1], p4), (t["mproj"][1], p1)]
+            off = 0
+            for v, n in vecs:
+                seg[off:off + n] = 0.0
+                if v is not None:
+                    arr = v.numpy().reshape(-1)
+                    seg[off:off + arr.size] = arr
+                off += n
+            off = self.block_w_off
+            for key in ("attn", "proj", "fc", "mproj"):
+                off += _pack_into(seg[off:], t[key][0].numpy())
+            self.block_addr.append(seg.ctypes.data)
+        self.head_addr = None
+        if head:
+            seg = self.buf[len(blocks) * block_floats:]
+            seg[:self.head_w_off] = 0.0
+            seg[:c] = ln_f.weight.numpy()
+            seg[p1:p1 + c] = ln_f.bias.numpy()
+            _pack_into(seg[self.head_w_off:], wte.numpy().T)
+            self.head_addr = seg.ctypes.data
+
+    def huge_bytes(self) -> Optional[int]:
+        """Bytes of this process backed by transparent huge pages (AnonHugePages), or None."""
+        try:
+            for line in open("/proc/self/smaps_rollup"):
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+
+def _pack_into(dst: np.ndarray, w: np.ndarray) -> int:
+    """Write ``w`` [K, N] as ``[ceil(N/32), K, 32]`` strips (zero columns pad the last) into ``dst``;
+    returns the floats written."""
+    k, n = w.shape
+    ns = (n + STRIP - 1) // STRIP
+    out = dst[:ns * k * STRIP].reshape(ns, k, STRIP)
+    full = n // STRIP
+    if full:
+        out[:full] = w[:, :full * STRIP].reshape(k, full, STRIP).transpose(1, 0, 2)
+    if n % STRIP:
+        out[full] = 0.0
+        out[full, :, :n % STRIP] = w[:, full * STRIP:]
+    return ns * k * STRIP
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops
+
+def block_step(x, attn_inputs, attn_data: dict, packed: PackedWeights, layer: int, eps: float, threads: int):
+    """One fused block: x [R, C] -> [R, C]. ``attn_inputs``/``attn_data``: the DecodeCache's
+    (``DecodeCache.layer_inputs``)."""
+    data = dict(attn_data, w_addr=float(packed.block_addr[layer]), w_off=float(packed.block_w_off),
+                eps=float(eps), threads=float(threads))
+    return jt.code(x.shape, "float32", [x] + list(attn_inputs), cpu_header=_HEADER, cpu_src=_BLOCK_SRC,
+                   data=data)
+
+
+def head_step(x, packed: PackedWeights, eps: float, threads: int):
+    """``ln_f`` and the tied head: x [R, C] -> logits [R, V]."""
+    data = dict(w_addr=float(packed.head_addr), w_off=float(packed.head_w_off), eps=float(eps),
+                threads=float(threads))
+    return jt.code((x.shape[0], packed.vocab), "float32", [x], cpu_header=_HEADER, cpu_src=_HEAD_SRC,
+                   data=data)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model-level step
+
+_PACKED = weakref.WeakKeyDictionary()   # model -> (signature, PackedWeights)
+
+
+def _signature(tensors) -> tuple:
+    return tuple(None if v is None else v.id for v in tensors)
+
+
+class FusedDecoder:
+    """A beam step of a whole GPT-2 through the fused ops: embeddings (Jittor), one op per block,
+    one for ``ln_f`` + head. Build with :meth:`for_model` (None when the model's path must be used)."""
+
+    CALIBRATE_EVERY = 32   # steps between thread-count checks
+    CALIBRATE_STEPS = 3    # timed steps per candidate
+
+    def __init__(self, model, blocks, packed: PackedWeights, eps: float, head_eps: float):
+        self.model, self.blocks, self.packed, self.eps, self.head_eps = model, blocks, packed, eps, head_eps
+        self.max_threads = decode_threads()
+        self.threads = self.max_threads
+        self.fixed = bool(os.environ.get("JT_LORA_DECODE_THREADS"))
+        self._times = {}
+        self._step = 0
+
+    @classmethod
+    def for_model(cls, model) -> Optional["FusedDecoder"]:
+        """The fused decoder for ``model`` (repacking its weights if they changed), or None when
+        the model's own path applies (see the module docstring)."""
+        if not fused_decode_enabled():
+            return None
+        tr = getattr(model, "transformer", None)
+        if tr is None or getattr(model, "quantized", False) or getattr(model, "quantized_head", None) is not None:
+            _PACKED.pop(model, None)
+            return None
+        blocks = [_block_tensors(b) for b in tr.h]
+        wte = tr.wte.weight
+        if (any(b is None for b in blocks) or tr.is_train or not _is(tr.ln_f, "LayerNorm")
+                or not isinstance(wte, jt.Var) or wte.dtype != "float32" or len({b["eps"] for b in blocks}) != 1):
+            _PACKED.pop(model, None)   # e.g. back in train mode: the copy is stale, free it
+            return None
+        tensors = [wte, tr.ln_f.weight, tr.ln_f.bias]
+        for b in blocks:
+            tensors += [*b["ln1"], *b["ln2"], *b["attn"], *b["proj"], *b["fc"], *b["mproj"]]
+        sig = _signature(tensors)
+        hit = _PACKED.get(model)
+        if hit is None or hit[0] != sig:
+            _PACKED.pop(model, None)   # free the old copy before building the new one
+            hit = (sig, PackedWeights(blocks, tr.ln_f, wte))
+            _PACKED[model] = hit
+        return cls(model, blocks, hit[1], blocks[0]["eps"], tr.ln_f.eps)
+
+    def hidden(self, cache, tokens: np.ndarray, positions: np.ndarray):
+        """The blocks' output (before ``ln_f``) for one token per row: [R, C] Var."""
+        tr = self.model.transformer
+        rows = len(tokens)
+        x = tr.wte(jt.array(tokens.astype(np.int32).reshape(rows))) + \
+            tr.wpe(jt.array(positions.astype(np.int32).reshape(rows)))
+        for i in range(len(self.blocks)):
+            inputs, data = cache.layer_inputs(i)
+            x = block_step(x, inputs, data, self.packed, i, self.eps, self.threads)
+        return x
+
+    def step(self, cache, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Next-token logits [R, V] (float32 numpy) for one token per row, against ``cache`` (a
+        ``generation.cache.DecodeCache`` already advanced to this step)."""
+        t0 = time.perf_counter()
+        logits = head_step(self.hidden(cache, tokens, positions), self.packed, self.head_eps, self.threads).numpy()
+        self._calibrate(time.perf_counter() - t0)
+        return logits if logits.flags.writeable else logits.copy()
+
+    def _calibrate(self, seconds: float) -> None:
+        """Online thread-count choice: within each window of CALIBRATE_EVERY steps, the first ones
+        time ``max`` and ``max - 1`` threads alternately; the rest use the faster."""
+        if self.fixed or self.max_threads < 2:
+            return
+        phase = self._step % self.CALIBRATE_EVERY
+        self._step += 1
+        if phase == 0:
+            self._times = {}
+        n_timed = 2 * self.CALIBRATE_STEPS
+        if 1 <= phase <= n_timed:   # phase 0 warms up (first step of a window: compiles, caches)
+            self._times.setdefault(self.threads, []).append(seconds)
+        if phase < n_timed:
+            self.threads = self.max_threads - (phase % 2)
+        elif phase == n_timed:
+            best = min(self._times, key=lambda n: float(np.median(self._times[n])))
+            self.threads = best
