@@ -95,6 +95,10 @@ def bench_jittor(args) -> dict:
     else:
         adapter = dict(adapter_type=args.adapter, lora_attn_dim=4, lora_attn_alpha=32, lora_dropout=0.0,
                        lora_inhibition=0.3 if args.adapter == "ina" else 0.0)
+    from .nn import bf16
+    bf16_on = args.precision == "bf16"
+    if bf16_on:   # before any oneDNN work of this process (see nn.bf16.enable)
+        bf16.enable()
     np.random.seed(0)
     model = load_model(None, training=True, card=args.model, **adapter)
     if args.adapter == "full":
@@ -116,7 +120,8 @@ def bench_jittor(args) -> dict:
         model.train()
 
         def step():
-            loss, grads = loss_and_grads(model, batch, [p for _, p in named], label_smooth=0.1)
+            with bf16.compute(bf16_on):   # --precision bf16: the frozen base's products
+                loss, grads = loss_and_grads(model, batch, [p for _, p in named], label_smooth=0.1)
             opt.step(grads)
             jt.sync([p for _, p in named] + [loss])
 
@@ -236,7 +241,8 @@ def build_parser():
     p.add_argument("--new_tokens", type=int, default=64, help="beam: tokens generated per prompt")
     p.add_argument("--prompt_len", type=int, default=32, help="beam: prompt tokens")
     p.add_argument("--precision", default="fp32",
-                   help="beam: weights fp32, or int8 (jt_lora.generate --precision int8; not with --compare hf)")
+                   help="beam: weights fp32, or int8 (jt_lora.generate --precision int8; not with --compare hf); "
+                        "train: bf16 = the frozen base's products in bfloat16 (jt_lora.train --precision bf16)")
     p.add_argument("--steps", type=int, default=5, help="timed repetitions (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     p.add_argument("--compare", choices=["hf"], default=None,
@@ -260,6 +266,13 @@ def validate_args(args) -> None:
     positive_int("--warmup", args.warmup, 0)
     if not 0 < args.loss_fraction <= 1:
         raise ValueError(f"--loss_fraction must be in (0, 1], got {args.loss_fraction}")
+    if args.precision == "bf16":   # train: the frozen base's products in bf16 (nn.bf16)
+        if args.mode != "train" or args.adapter == "full" or args.compare:
+            raise ValueError("--precision bf16 applies to --mode train with an adapter, without --compare")
+        from .nn.bf16 import unavailable_reason
+        if unavailable_reason():
+            raise ValueError(f"--precision bf16: {unavailable_reason()}")
+        return
     from .nn.quant import check_precision
     check_precision(args.precision)
     if args.precision != "fp32" and (args.mode != "beam" or args.compare):
@@ -290,7 +303,8 @@ def table(path) -> str:
     for r in rows:
         if r["mode"] == "train":
             work = f"train step, batch {r['batch']} x {r['seq']}" + (
-                f", loss on {r['loss_fraction']:.0%}" if r.get("loss_fraction", 1.0) < 1.0 else "")
+                f", loss on {r['loss_fraction']:.0%}" if r.get("loss_fraction", 1.0) < 1.0 else "") + (
+                f", {r['precision']}" if r.get("precision", "fp32") != "fp32" else "")
             gflops = f"{r['gflops']:.1f}"
         else:
             work = f"beam {r['beam']}, batch {r['batch']}, {r['new_tokens']} new tokens" + (
@@ -324,7 +338,7 @@ def _run(args) -> int:
               "tokens_per_s": ours["tokens_per_s"], "peak_rss_mb": ours["peak_rss_mb"],
               "steps_peak_rss_mb": _STEPS_PEAK_MB, "jt_lora": ours}
     if args.mode == "train":
-        result.update(seq=args.seq, loss_fraction=args.loss_fraction, gflops=ours["gflops"])
+        result.update(seq=args.seq, loss_fraction=args.loss_fraction, gflops=ours["gflops"], precision=args.precision)
         if limits is not None:
             result.update(pct_of_gemm_peak=100.0 * ours["gflops"] / limits["gemm_gflops"],
                           gemm_peak_gflops=limits["gemm_gflops"])

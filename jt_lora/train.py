@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
            "moves the old run aside to <work_dir>.replaced-<time>, --overwrite delete removes it "
            "(default: refuse)")
     a("--pad_to_multiple_of", type=int, default=8, help="round padded lengths (fewer shapes to compile)")
+    a("--precision", default="fp32", metavar="{fp32,bf16}",
+      help="bf16: the frozen base's products (dense layers and the LM head) in bfloat16 with fp32 "
+           "accumulation, on CPUs with AMX; weights, adapters, optimiser and loss stay fp32 (opt-in)")
     a("--wandb", action="store_true", help="log to Weights & Biases (offline mode without WANDB_API_KEY)")
     a("--wandb_project", default="jt_lora", help="Weights & Biases project")
     a("--no_plot", action="store_true", help="skip the loss-curve PNG")
@@ -190,6 +193,7 @@ def validate_args(args, inputs: bool = True) -> None:
     _need(not (args.force and not args.resume), "--force only applies with --resume")
     _need(not (args.overwrite and args.resume),
           "--overwrite starts a new run and --resume continues one: give one of them")
+    _check_precision(args)
     if inputs:
         check_inputs(args)
     problem = check_output_location(args.work_dir)
@@ -198,6 +202,20 @@ def validate_args(args, inputs: bool = True) -> None:
         n_head = MODEL_CARDS[args.model_card]["n_head"]
         _need(args.n_embd % n_head == 0,
               f"--n_embd {args.n_embd} is not divisible by --model_card {args.model_card}'s {n_head} heads: pass --n_head")
+
+
+def _check_precision(args) -> None:
+    """``--precision``: fp32 (the default) or bf16, which must be able to run here (CPU with AMX)."""
+    from .nn import bf16
+    precision = getattr(args, "precision", "fp32")
+    _need(precision in bf16.PRECISIONS, f"--precision must be fp32 or bf16, got {precision!r}")
+    if precision == "bf16":
+        _need(args.adapter != "full", "--precision bf16 computes the frozen base in bf16, but --adapter full "
+                                      "trains every weight: use --precision fp32")
+        try:
+            bf16.enable()
+        except bf16.Bf16Unavailable as e:
+            raise UsageError(f"--precision bf16: {e}") from None
 
 
 def main(argv=None) -> int:

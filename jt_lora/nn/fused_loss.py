@@ -221,6 +221,10 @@ def fused_token_losses(h, wte, targets, label_smooth: float = 0.0, chunk: int = 
     # that gradient, and s - s.detach() adds exactly 0 to the value. Plain Jittor ops rather than a
     # jt.Function: with the Function Jittor's executor kept ~1.9 GB more alive during a GPT-2 M
     # LoRA step (batch 8 x 128), more than the [N, V] logits it replaces.
-    loss, _, dh = _forward(h.detach(), wte, targets, eps, chunk, with_dh=True)
+    from . import bf16
+    if bf16.active():   # --precision bf16: the two vocabulary-sized products in bf16
+        loss, dh = bf16.fused_head_loss(h.detach(), wte, targets, eps, chunk, _FWD_SRC, _HEADER)
+    else:
+        loss, _, dh = _forward(h.detach(), wte, targets, eps, chunk, with_dh=True)
     s = (h * dh.detach()).sum(1)
     return loss.detach() + (s - s.detach())

@@ -17,6 +17,7 @@ import functools
 import math
 
 from ..backend import jt, nn, onednn_available, use_cuda
+from . import bf16 as _bf16
 
 __all__ = ["batched_matmul", "dense", "small_rows_matmul", "use_small_rows", "fast_path_available", "SMALL_ROWS_MAX"]
 
@@ -284,9 +285,12 @@ def small_rows_matmul(x, w, transpose_w: bool = False, bias=None):
 def dense(x, weight, bias=None, fan_in_fan_out: bool = True):
     """``x·W (+ b)`` with ``W`` stored ``[in, out]`` (``fan_in_fan_out``, GPT-2's Conv1D) or
     ``[out, in]`` (``nn.Linear``). Inference products of a few rows (decoding) take
-    ``small_rows_matmul``; everything else, and anything that needs a gradient, ``jt.matmul``."""
+    ``small_rows_matmul``; inside ``bf16.compute()`` a frozen weight's product runs in bf16
+    (``nn.bf16``); everything else, and anything that needs a gradient, ``jt.matmul``."""
     if use_small_rows(math.prod(x.shape[:-1]), x, weight, bias):
         return small_rows_matmul(x, weight, transpose_w=not fan_in_fan_out, bias=bias)
+    if _bf16.use_for(x, weight):   # --precision bf16: frozen weight, inside bf16.compute()
+        return _bf16.dense(x, weight, bias, fan_in_fan_out)
     y = jt.matmul(x, weight) if fan_in_fan_out else nn.matmul_transpose(x, weight)
     return y + bias if bias is not None else y
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import jt
+from ..nn import bf16
 from .data import FTDataLoader, FTDataset
 from ..models.gpt2 import MODEL_CARDS, GPT2Config, token_losses
 from .optim import AdamW, clip_grad_norm, lr_lambda
@@ -199,7 +200,8 @@ class Trainer:
     def train_step(self, batch) -> float:
         self.model.train()
         jt.set_seed(self.args.random_seed * 1000003 + self.step * 7919 + self.rank)  # dropout: f(seed, step, rank)
-        loss, grads = self._loss_and_grads(batch)
+        with bf16.compute(getattr(self.args, "precision", "fp32") == "bf16"):   # frozen base's products
+            loss, grads = self._loss_and_grads(batch)
         self._acc = grads if self._acc is None else [a + g for a, g in zip(self._acc, grads)]
         lr = self.args.lr * lr_lambda(self.args.scheduler, self.step, self.args.warmup_step, self.max_step)
         self.step += 1

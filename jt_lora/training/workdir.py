@@ -40,7 +40,9 @@ RESULT_FLAGS = ("init_checkpoint", "model_card", "n_layer", "n_embd", "n_head", 
                 "lora_dim", "lora_alpha", "lora_dropout", "lora_inhibition", "lr", "weight_decay",
                 "correct_bias", "adam_epsilon", "adam_beta1", "adam_beta2", "scheduler", "warmup_step",
                 "max_epoch", "max_step", "clip", "label_smooth", "train_data", "seq_len",
-                "train_batch_size", "grad_acc", "random_seed", "ia3_parts")
+                "train_batch_size", "grad_acc", "random_seed", "ia3_parts", "precision")
+# What a run recorded before the flag existed ran with: the flag's default.
+_ABSENT = {"precision": "fp32"}
 _PATH_FLAGS = ("init_checkpoint", "train_data")
 
 
@@ -64,7 +66,7 @@ def fingerprint(args, world_size: int = 1) -> Dict[str, object]:
         value = getattr(args, flag, None)
         if flag in _PATH_FLAGS and value is not None:
             value = os.path.abspath(str(value))
-        fp[flag] = value
+        fp[flag] = _ABSENT.get(flag) if value is None and flag in _ABSENT else value
     if fp["init_checkpoint"] is not None:  # the checkpoint decides the shape; the card is not used
         fp.update(model_card=None, n_layer=None, n_embd=None, vocab_size=None)
     if fp["adapter"] != "ina":  # only InA reads it
@@ -79,7 +81,7 @@ def config_differences(recorded: Dict[str, object], current: Dict[str, object]) 
     """``--flag: checkpoint X, now Y`` for each result-deciding setting that differs."""
     out = []
     for key in sorted(set(recorded) | set(current)):
-        a, b = recorded.get(key), current.get(key)
+        a, b = recorded.get(key, _ABSENT.get(key)), current.get(key, _ABSENT.get(key))
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
             same = float(a) == float(b)
         else:
