@@ -210,6 +210,11 @@ def test_packed_buffer_is_aligned_for_huge_pages(model):
     assert all(a % 128 == 0 for a in fused.packed.block_addr)
 
 
+def test_the_thread_choice_outlives_one_search(model):
+    first, second = FusedDecoder.for_model(model), FusedDecoder.for_model(model)
+    assert first.chooser is second.chooser
+
+
 def test_thread_choice(monkeypatch):
     monkeypatch.setenv("JT_LORA_DECODE_THREADS", "3")
     assert decode_block.decode_threads() == 3
@@ -220,14 +225,27 @@ def test_thread_choice(monkeypatch):
     assert decode_block.decode_threads() == len(os.sched_getaffinity(0))
 
 
-def test_online_calibration_keeps_the_faster_count(model):
-    fused = FusedDecoder.for_model(model)
-    fused.fixed, fused.max_threads, fused.threads = False, 2, 2
-    fake = {2: 0.05, 1: 0.02}   # one thread is faster (an oversubscribed machine)
+def _drive(chooser, times, steps):
     used = []
-    for _ in range(FusedDecoder.CALIBRATE_EVERY + 2):
-        used.append(fused.threads)
-        fused._calibrate(fake[fused.threads])
-    n_timed = 2 * FusedDecoder.CALIBRATE_STEPS
-    assert sorted(used[1:n_timed + 1]) == [1] * FusedDecoder.CALIBRATE_STEPS + [2] * FusedDecoder.CALIBRATE_STEPS
-    assert set(used[n_timed + 1:FusedDecoder.CALIBRATE_EVERY]) == {1}
+    for _ in range(steps):
+        used.append(chooser.threads)
+        chooser.record(times[chooser.threads])
+    return used
+
+
+def test_online_calibration_keeps_the_faster_count():
+    tc = decode_block.ThreadChooser
+    c = tc()
+    c.fixed, c.max_threads, c.threads = False, 2, 2
+    used = _drive(c, {2: 0.05, 1: 0.02}, 200)   # one thread is faster (an oversubscribed machine)
+    assert used[:3] == [2, 2, 1]                 # warm-up, then one probe each: clearly slower
+    assert set(used[3:3 + tc.FIRST_WINDOW]) == {1}
+    assert used.count(2) <= 6 and c.window > tc.FIRST_WINDOW   # probes get rarer while the choice holds
+    c2 = tc()
+    c2.fixed, c2.max_threads, c2.threads = False, 2, 2
+    used = _drive(c2, {2: 0.020, 1: 0.021}, 1 + 2 * tc.PROBES + 5)   # close: all probes, then the faster
+    assert used[1:1 + 2 * tc.PROBES].count(1) == tc.PROBES and set(used[1 + 2 * tc.PROBES:]) == {2}
+    c3 = tc()
+    c3.fixed = True
+    c3.threads = 2
+    assert set(_drive(c3, {2: 1.0, 1: 0.01}, 20)) == {2}   # JT_LORA_DECODE_THREADS: never changes

@@ -33,9 +33,11 @@ repacked and a model in train mode drops its copy.
 
 Threads (:func:`decode_threads`): ``JT_LORA_DECODE_THREADS`` if set, else the CPUs this process
 may run on (``os.sched_getaffinity``) capped by ``OMP_NUM_THREADS``. With spinning barriers, one
-thread too many on a loaded machine costs far more than it brings, so the decoder also calibrates
-online: it times steps with ``n`` and ``n - 1`` threads alternately for a few steps, keeps the
-faster, and checks again every 32 steps (the results do not change with the count).
+thread too many on a loaded machine costs far more than it brings (GPT-2 S, load ~7 on 2 cores:
+~90 ms a step with one thread, 200-600 ms with two), so the decoder also calibrates online
+(:class:`ThreadChooser`): it times steps with ``n`` and ``n - 1`` threads alternately, keeps the
+faster, and probes again after 32 steps, then 64, ... 512 while the choice holds (the results do
+not change with the count).
 """
 from __future__ import annotations
 
@@ -385,9 +387,11 @@ class PackedWeights:
         head_floats = self.head_w_off + c * _pad(self.vocab) if head else 0
         total = block_floats * len(blocks) + head_floats
         nbytes = total * 4
-        self._map = mmap.mmap(-1, nbytes + _ALIGN)
+        # private: a shared anonymous mapping is shmem, which has its own (usually off) huge-page switch
+        self._map = mmap.mmap(-1, nbytes + _ALIGN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         raw = np.frombuffer(self._map, np.uint8)
         start = (-raw.ctypes.data) % _ALIGN
+        self.threads = None   # the FusedDecoders' ThreadChooser for this copy
         self.hugepages = False
         if _hugepages_enabled() and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
@@ -422,13 +426,20 @@ class PackedWeights:
             _pack_into(seg[self.head_w_off:], wte.numpy().T)
             self.head_addr = seg.ctypes.data
 
-    def huge_bytes(self) -> Optional[int]:
-        """Bytes of this process backed by transparent huge pages (AnonHugePages), or None."""
+    def hugepage_bytes(self) -> Optional[int]:
+        """Bytes of the packed mapping backed by transparent huge pages (its ``AnonHugePages`` in
+        ``/proc/self/smaps``), or None where that cannot be read."""
+        addr = self.buf.ctypes.data
         try:
-            for line in open("/proc/self/smaps_rollup"):
-                if line.startswith("AnonHugePages:"):
+            inside = False
+            for line in open("/proc/self/smaps"):
+                head = line.split(None, 1)[0]
+                if "-" in head and ":" not in head:
+                    lo, hi = (int(v, 16) for v in head.split("-"))
+                    inside = lo <= addr < hi
+                elif inside and head == "AnonHugePages:":
                     return int(line.split()[1]) * 1024
-        except OSError:
+        except (OSError, ValueError):
             return None
         return None
 
@@ -482,16 +493,17 @@ class FusedDecoder:
     """A beam step of a whole GPT-2 through the fused ops: embeddings (Jittor), one op per block,
     one for ``ln_f`` + head. Build with :meth:`for_model` (None when the model's path must be used)."""
 
-    CALIBRATE_EVERY = 32   # steps between thread-count checks
-    CALIBRATE_STEPS = 3    # timed steps per candidate
-
     def __init__(self, model, blocks, packed: PackedWeights, eps: float, head_eps: float):
         self.model, self.blocks, self.packed, self.eps, self.head_eps = model, blocks, packed, eps, head_eps
-        self.max_threads = decode_threads()
-        self.threads = self.max_threads
-        self.fixed = bool(os.environ.get("JT_LORA_DECODE_THREADS"))
-        self._times = {}
-        self._step = 0
+        if packed.threads is None:   # the choice outlives one search: kept with the packed copy
+            packed.threads = ThreadChooser()
+        self.chooser = packed.threads
+
+    # the chooser's settings, as the decoder's own (tests and benchmarks set them)
+    threads = property(lambda self: self.chooser.threads, lambda self, v: setattr(self.chooser, "threads", v))
+    fixed = property(lambda self: self.chooser.fixed, lambda self, v: setattr(self.chooser, "fixed", v))
+    max_threads = property(lambda self: self.chooser.max_threads,
+                           lambda self, v: setattr(self.chooser, "max_threads", v))
 
     @classmethod
     def for_model(cls, model) -> Optional["FusedDecoder"]:
@@ -540,19 +552,51 @@ class FusedDecoder:
         return logits if logits.flags.writeable else logits.copy()
 
     def _calibrate(self, seconds: float) -> None:
-        """Online thread-count choice: within each window of CALIBRATE_EVERY steps, the first ones
-        time ``max`` and ``max - 1`` threads alternately; the rest use the faster."""
+        self.chooser.record(seconds)
+
+
+class ThreadChooser:
+    """Online thread-count choice for the fused step (the results do not depend on it).
+
+    It probes ``max`` and ``max - 1`` threads on alternate steps (up to ``PROBES`` steps each, fewer
+    when one is clearly slower: ``CLEAR`` times the other's median), then runs the faster for a
+    window of steps and probes again; the window doubles (32 up to 512) while the choice holds.
+    The first step is not timed (compiles, first touches). ``JT_LORA_DECODE_THREADS`` fixes the count.
+    On a loaded 2-core machine two threads with barriers between phases ran 3-6x slower than one
+    (a descheduled thread stalls every barrier), so probing must cost little there.
+    """
+
+    FIRST_WINDOW, MAX_WINDOW, PROBES, CLEAR = 32, 512, 3, 1.5
+
+    def __init__(self):
+        self.max_threads = decode_threads()
+        self.threads = self.max_threads
+        self.fixed = bool(os.environ.get("JT_LORA_DECODE_THREADS"))
+        self.window = self.FIRST_WINDOW
+        self._probing, self._skip, self._left, self._times, self._last = True, 1, 0, {}, None
+
+    def record(self, seconds: float) -> None:
+        """Note the last step's time (taken with ``self.threads``) and set the next step's count."""
         if self.fixed or self.max_threads < 2:
             return
-        phase = self._step % self.CALIBRATE_EVERY
-        self._step += 1
-        if phase == 0:
-            self._times = {}
-        n_timed = 2 * self.CALIBRATE_STEPS
-        if 1 <= phase <= n_timed:   # phase 0 warms up (first step of a window: compiles, caches)
-            self._times.setdefault(self.threads, []).append(seconds)
-        if phase < n_timed:
-            self.threads = self.max_threads - (phase % 2)
-        elif phase == n_timed:
-            best = min(self._times, key=lambda n: float(np.median(self._times[n])))
-            self.threads = best
+        if not self._probing:
+            self._left -= 1
+            if self._left <= 0:
+                self._probing, self._times = True, {}
+            return
+        if self._skip:
+            self._skip -= 1
+            return
+        a, b = self.max_threads, self.max_threads - 1
+        self._times.setdefault(self.threads, []).append(seconds)
+        ta, tb = self._times.get(a, []), self._times.get(b, [])
+        done = len(ta) >= self.PROBES and len(tb) >= self.PROBES
+        if ta and tb and len(ta) == len(tb):
+            ma, mb = float(np.median(ta)), float(np.median(tb))
+            done = done or max(ma, mb) > self.CLEAR * min(ma, mb)
+        if not done:
+            self.threads = b if self.threads == a else a
+            return
+        best = a if float(np.median(ta)) <= float(np.median(tb)) else b
+        self.window = min(2 * self.window, self.MAX_WINDOW) if best == self._last else self.FIRST_WINDOW
+        self._last, self.threads, self._probing, self._left = best, best, False, self.window
