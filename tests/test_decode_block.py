@@ -147,6 +147,7 @@ def test_the_stepper_takes_the_fused_step_only_where_it_applies(model, monkeypat
     mask, pos = np.ones((1, 3), np.float32), np.arange(3, dtype=np.int32)[None]
     assert make_stepper(True, model, ids, mask, pos, False, 4, 3).fused is not None
     assert make_stepper("gather", model, ids, mask, pos, False, 4, 3).fused is None
+    assert make_stepper(True, model, ids, mask, pos, False, 65, 3).fused is None   # oneDNN's rows
     monkeypatch.setenv("JT_LORA_FUSED_DECODE", "0")
     assert make_stepper(True, model, ids, mask, pos, False, 4, 3).fused is None
 

@@ -50,7 +50,7 @@ class CachedStepper:
         self.first_logits = last_logits(self.head, hidden)
         self.cache = cache_cls(presents, mask if padded else None, rows, steps)
         # a whole block per op where it applies (CPU, eval, merged adapters): nn.decode_block
-        self.fused = FusedDecoder.for_model(model) if cache_cls is DecodeCache else None
+        self.fused = FusedDecoder.for_model(model, rows) if cache_cls is DecodeCache else None
 
     def step(self, src: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         self.cache.advance(src)

@@ -11,12 +11,16 @@ of GPT-2 S ran ~100 regions and its threads spent much of their time forking and
   all rows into its own buffer (a few thousand floats), which saves two barriers.
 * :func:`head_step`: ``ln_f`` and the tied LM head in one region.
 * The weights are repacked once (:class:`PackedWeights`) into strips of 32 output columns, each
-  strip one contiguous ``[in, 32]`` block, and thread ``i`` of ``n`` takes strips ``[S*i/n,
-  S*(i+1)/n)``: one sequential stream per thread per matrix. The rows (at most 12 per pass with
-  AVX-512) sit in registers, two vectors of accumulators each, as in ``kernels.small_rows_matmul``.
+  strip one contiguous ``[in, 32]`` block, and thread ``i`` of ``n`` owns strips ``[S*i/n,
+  S*(i+1)/n)``: one sequential stream per thread per matrix, prefetched 8 KB ahead. A thread that
+  runs out of strips takes the others' from the back (one compare-and-swap per strip), so a thread
+  slowed by another process does not hold the phase back. The rows (at most 12 per pass with
+  AVX-512; more rows go in passes over the strip, which is then in L2) sit in registers, two
+  vectors of accumulators each, as in ``kernels.small_rows_matmul``.
   Memory: one extra copy of every block weight and of the head (GPT-2 S: 340 + 154 MB, GPT-2 M:
-  1.21 GB + 206 MB), in one anonymous mapping aligned to 2 MB and advised ``MADV_HUGEPAGE`` where
-  transparent huge pages allow it (``JT_LORA_DECODE_HUGEPAGES=0``: not advised).
+  1.21 GB + 206 MB), in one private anonymous mapping aligned to 2 MB and advised
+  ``MADV_HUGEPAGE`` where transparent huge pages allow it (``JT_LORA_DECODE_HUGEPAGES=0``: not
+  advised). Packing takes ~2 s (GPT-2 S) / ~4 s (GPT-2 M) once per model and set of weights.
 * GELU is GPT-2's tanh form written as ``y / (1 + exp(-2u))`` (``1 + tanh(u) = 2 sigmoid(2u)``)
   with a vector ``exp`` (range reduction, degree-7 polynomial, relative error ~2e-7).
 
@@ -29,7 +33,8 @@ are plain (LoRA / (IA)3 merged into the weights: no adapter left for the forward
 layer never merges, so an InA model keeps the model's path), and no int8 weights. The packed copy
 is keyed on the Jittor ids of every tensor it was built from (an ``update``/``assign`` gives a
 tensor a new id, and ``train()``/``eval()`` re-assign merged weights), so changed weights are
-repacked and a model in train mode drops its copy.
+repacked and a model in train mode drops its copy. (Writing into a weight's memory through
+``var.data`` in place keeps its id: not seen.)
 
 Threads (:func:`decode_threads`): ``JT_LORA_DECODE_THREADS`` if set, else the CPUs this process
 may run on (``os.sched_getaffinity``) capped by ``OMP_NUM_THREADS``. With spinning barriers, one
@@ -50,7 +55,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..backend import jt
-from .kernels import fast_path_available
+from .kernels import SMALL_ROWS_MAX, fast_path_available
 
 __all__ = ["FusedDecoder", "PackedWeights", "block_step", "head_step", "fused_decode_enabled",
            "decode_threads", "plain_dense", "STRIP"]
@@ -537,10 +542,11 @@ class FusedDecoder:
                            lambda self, v: setattr(self.chooser, "max_threads", v))
 
     @classmethod
-    def for_model(cls, model) -> Optional["FusedDecoder"]:
-        """The fused decoder for ``model`` (repacking its weights if they changed), or None when
-        the model's own path applies (see the module docstring)."""
-        if not fused_decode_enabled():
+    def for_model(cls, model, rows: int = 1) -> Optional["FusedDecoder"]:
+        """The fused decoder for ``model`` feeding at most ``rows`` rows a step (repacking its
+        weights if they changed), or None when the model's own path applies (see the module
+        docstring; more than ``kernels.SMALL_ROWS_MAX`` rows go to oneDNN's packed products)."""
+        if not fused_decode_enabled() or rows > SMALL_ROWS_MAX:
             return None
         tr = getattr(model, "transformer", None)
         if tr is None or getattr(model, "quantized", False) or getattr(model, "quantized_head", None) is not None:
