@@ -39,7 +39,8 @@ repacked and a model in train mode drops its copy. (Writing into a weight's memo
 Threads (:func:`decode_threads`): ``JT_LORA_DECODE_THREADS`` if set, else the CPUs this process
 may run on (``os.sched_getaffinity``) capped by ``OMP_NUM_THREADS``. With spinning barriers, one
 thread too many on a loaded machine costs far more than it brings (GPT-2 S, load ~7 on 2 cores:
-~90 ms a step with one thread, 200-600 ms with two), so the decoder also calibrates online
+~90 ms a step with one thread, 200-600 ms with two; quiet: 48 ms with one, 28 ms with two), so the
+decoder also calibrates online
 (:class:`ThreadChooser`): it times steps with ``n`` and ``n - 1`` threads alternately, keeps the
 faster, and probes again after 32 steps, then 64, ... 512 while the choice holds (the results do
 not change with the count).
