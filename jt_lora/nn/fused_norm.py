@@ -3,8 +3,10 @@
 Jittor builds LayerNorm from a mean, a variance and elementwise ops, and its backward from a dozen
 more, each a pass over the activations with its own parallel region; on a GPT-2 S training step
 (25 LayerNorms of [1024, 768]) that is several times what one pass costs. Here each direction is
-one ``jt.code`` op: the forward writes ``y`` and the per-row mean and 1/std, the backward reads
-them back (``dx`` per row; ``dw``/``db`` summed per thread, then over threads).
+one ``jt.code`` op: the forward writes ``y``; the gradient ops recompute each row's mean and 1/std
+from ``x`` (``dx`` per row; ``dw``/``db`` summed per thread, then over threads). They are the code
+op's own gradient sources, so Jittor keeps alive only ``x``, as for its own ops (a ``jt.Function``
+kept every output until the backward: +285 MB on a GPT-2 S LoRA step).
 
 The formulas are the reference's (microsoft/LoRA's ``LayerNorm``: biased variance, eps inside the
 square root; GPT-2's tanh GELU), with row sums in double, so results agree with the unfused ops
@@ -54,56 +56,74 @@ static inline float jtl_sech2(float e) {
 }
 """
 
-# in0 x [N, C], in1 w [C], in2 b [C], in3 eps [1] -> out0 y [N, C], out1 mean [N], out2 rstd [N]
-_LN_FWD = r"""
-const long long N = in0_shape0, C = in0_shape1;
-const float eps = in3_p[0];
-#pragma omp parallel for schedule(static)
-for (long long i = 0; i < N; i++) {
-    const float *x = in0_p + i * C;
+# Per-row statistics, shared by the forward and the gradients (which recompute them from x rather
+# than keep them: one extra read of x, and Jittor's graph then holds only what its own ops would).
+_ROW_STATS = r"""
+static inline void jtl_row_stats(const float *x, long long C, float eps, float &u, float &rstd) {
     double s = 0;
     for (long long j = 0; j < C; j++) s += x[j];
-    const float u = (float)(s / C);
+    u = (float)(s / C);
     double v = 0;
     for (long long j = 0; j < C; j++) { const float d = x[j] - u; v += (double)d * d; }
-    const float rstd = 1.0f / std::sqrt((float)(v / C) + eps);
-    float *y = out0_p + i * C;
-    for (long long j = 0; j < C; j++) y[j] = in1_p[j] * ((x[j] - u) * rstd) + in2_p[j];
-    out1_p[i] = u;
-    out2_p[i] = rstd;
+    rstd = 1.0f / std::sqrt((float)(v / C) + eps);
 }
 """
 
-# in0 g [N, C], in1 x [N, C], in2 w [C], in3 mean [N], in4 rstd [N] -> out0 dx [N, C], out1 dw [C], out2 db [C]
-_LN_BWD = r"""
-const long long N = in0_shape0, C = in0_shape1;
+# in0 x [..., C] (N rows), in1 w [C], in2 b [C] -> out0 y [..., C]; @EPS is compiled in
+_LN_FWD = r"""
+const long long C = in1_shape0, N = in0->num / C;
+#pragma omp parallel for schedule(static)
+for (long long i = 0; i < N; i++) {
+    const float *x = in0_p + i * C;
+    float u, rstd;
+    jtl_row_stats(x, C, @EPS, u, rstd);
+    float *y = out0_p + i * C;
+    for (long long j = 0; j < C; j++) y[j] = in1_p[j] * ((x[j] - u) * rstd) + in2_p[j];
+}
+"""
+
+# gradient sources (Jittor's code op: in* are the forward inputs, dout the output's gradient, out0 the result)
+_LN_DX = r"""
+const long long C = in1_shape0, N = in0->num / C;
+#pragma omp parallel for schedule(static)
+for (long long i = 0; i < N; i++) {
+    const float *x = in0_p + i * C, *g = dout_p + i * C;
+    float u, rstd;
+    jtl_row_stats(x, C, @EPS, u, rstd);
+    double sg = 0, sgx = 0;
+    for (long long j = 0; j < C; j++) {
+        const float gw = g[j] * in1_p[j];
+        sg += gw; sgx += (double)gw * ((x[j] - u) * rstd);
+    }
+    const float mg = (float)(sg / C), mgx = (float)(sgx / C);
+    float *dx = out0_p + i * C;
+    for (long long j = 0; j < C; j++) dx[j] = rstd * (g[j] * in1_p[j] - mg - ((x[j] - u) * rstd) * mgx);
+}
+"""
+# dw (@XHAT 1) or db (@XHAT 0): column sums of dout·x̂ or dout, per thread then over threads
+_LN_DWB = r"""
+const long long C = in1_shape0, N = in0->num / C;
 const int T = omp_get_max_threads();
-std::vector<double> part((size_t)T * 2 * C, 0.0);
+std::vector<double> part((size_t)T * C, 0.0);
 #pragma omp parallel
 {
-    double *dw = part.data() + (size_t)omp_get_thread_num() * 2 * C, *db = dw + C;
+    double *acc = part.data() + (size_t)omp_get_thread_num() * C;
     #pragma omp for schedule(static)
     for (long long i = 0; i < N; i++) {
-        const float *g = in0_p + i * C, *x = in1_p + i * C;
-        const float u = in3_p[i], rstd = in4_p[i];
-        double sg = 0, sgx = 0;
-        for (long long j = 0; j < C; j++) {
-            const float xh = (x[j] - u) * rstd, gw = g[j] * in2_p[j];
-            sg += gw; sgx += (double)gw * xh;
-            dw[j] += (double)g[j] * xh; db[j] += g[j];
-        }
-        const float mg = (float)(sg / C), mgx = (float)(sgx / C);
-        float *dx = out0_p + i * C;
-        for (long long j = 0; j < C; j++) {
-            const float xh = (x[j] - u) * rstd;
-            dx[j] = rstd * (g[j] * in2_p[j] - mg - xh * mgx);
+        const float *x = in0_p + i * C, *g = dout_p + i * C;
+        if (@XHAT) {
+            float u, rstd;
+            jtl_row_stats(x, C, @EPS, u, rstd);
+            for (long long j = 0; j < C; j++) acc[j] += (double)g[j] * ((x[j] - u) * rstd);
+        } else {
+            for (long long j = 0; j < C; j++) acc[j] += g[j];
         }
     }
 }
 for (long long j = 0; j < C; j++) {
-    double w = 0, b = 0;
-    for (int t = 0; t < T; t++) { w += part[(size_t)t * 2 * C + j]; b += part[(size_t)t * 2 * C + C + j]; }
-    out1_p[j] = (float)w; out2_p[j] = (float)b;
+    double t = 0;
+    for (int k = 0; k < T; k++) t += part[(size_t)k * C + j];
+    out0_p[j] = (float)t;
 }
 """
 
@@ -119,7 +139,7 @@ for (long long i = 0; i < n; i++) {
     out0_p[i] = 0.5f * x * jtl_one_plus_tanh(z, jtl_exp_neg(-2.0f * std::fabs(z)));
 }
 """.replace("@K", repr(_K) + "f")
-# in0 x, in1 g -> out0 dx
+# gradient source: in0 x, dout g -> out0 dx
 _GELU_BWD = r"""
 const long long n = in0->num;
 const float k = @K;
@@ -144,36 +164,21 @@ def use_fused_norm() -> bool:
     return _ENABLED
 
 
-class _LayerNorm(jt.Function):
-    def execute(self, x, w, b, eps):
-        y, mean, rstd = jt.code([x.shape, (x.shape[0],), (x.shape[0],)], ["float32"] * 3, [x, w, b, eps],
-                                cpu_header=_HEADER, cpu_src=_LN_FWD)
-        self.saved = (x, w, mean, rstd)
-        return y
-
-    def grad(self, g):
-        x, w, mean, rstd = self.saved
-        dx, dw, db = jt.code([x.shape, w.shape, w.shape], ["float32"] * 3, [g, x, w, mean, rstd],
-                             cpu_header=_HEADER, cpu_src=_LN_BWD)
-        return dx, dw, db, None
-
-
 def layer_norm(x, weight, bias, eps: float):
-    """``weight · (x - mean) / sqrt(var + eps) + bias`` over the last axis (biased variance), one op."""
-    shape = x.shape
-    y = _LayerNorm.apply(x.reshape(-1, shape[-1]), weight, bias, jt.array([eps], dtype="float32"))
-    return y.reshape(shape)
-
-
-class _Gelu(jt.Function):
-    def execute(self, x):
-        self.x = x
-        return jt.code(x.shape, "float32", [x], cpu_header=_HEADER, cpu_src=_GELU_FWD)
-
-    def grad(self, g):
-        return jt.code(self.x.shape, "float32", [self.x, g], cpu_header=_HEADER, cpu_src=_GELU_BWD)
+    """``weight · (x - mean) / sqrt(var + eps) + bias`` over the last axis (biased variance), one op
+    each way (a ``jt.code`` op with its own gradient sources, not a ``jt.Function``: a Function keeps
+    its outputs alive until the backward, a plain op only what its gradient reads)."""
+    e = repr(float(eps)) + "f"
+    header = _HEADER + _ROW_STATS
+    return jt.code(x.shape, "float32", [x, weight, bias],
+                cpu_header=header, cpu_src=_LN_FWD.replace("@EPS", e),
+                cpu_grad_src=[_LN_DX.replace("@EPS", e),
+                              _LN_DWB.replace("@EPS", e).replace("@XHAT", "1"),
+                              _LN_DWB.replace("@EPS", e).replace("@XHAT", "0")])
 
 
 def gelu_tanh(x):
-    """GPT-2's ``0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))``, one op each way."""
-    return _Gelu.apply(x)
+    """GPT-2's ``0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))``, one op each way (the gradient op
+    reads only ``x``)."""
+    return jt.code(x.shape, "float32", [x], cpu_header=_HEADER, cpu_src=_GELU_FWD,
+                   cpu_grad_src=[_GELU_BWD.replace("in1_p[i]", "dout_p[i]")])
