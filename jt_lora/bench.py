@@ -197,6 +197,19 @@ def measure_limits(gemm_n: int = 3072, stream_mb: int = 1536, reps: int = 5) -> 
             "device": device_name(), "machine": machine_line()}
 
 
+def beam_step_bytes(card: str, precision: str = "fp32") -> int:
+    """Bytes of weights one beam step must read: every block's four projections and the tied LM head
+    (fp32: 4 bytes each; int8: 1 byte plus a 4-byte scale per output channel). LayerNorms, biases
+    and the embedding rows looked up are negligible."""
+    from .models.gpt2 import GPT2Config
+    cfg = GPT2Config.from_card(card)
+    n, v = cfg.n_embd, cfg.vocab_size
+    params = cfg.n_layer * 12 * n * n + v * n
+    if precision == "int8":
+        return params + 4 * (cfg.n_layer * (3 * n + n + 4 * n + n) + v)
+    return 4 * params
+
+
 def load_limits(path: str) -> dict:
     """The limits JSON at ``path`` (the last JSON line of the file); measured and written there first
     when the file does not exist."""
@@ -249,8 +262,10 @@ def build_parser():
                    help="also run transformers + PEFT in a child process (default: no comparison)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--limits", metavar="LIMITS_JSON", default=None,
-                   help="train: add pct_of_gemm_peak from this --mode limits --json output "
-                        "(measured and written there when the file does not exist)")
+                   help="add the share of this machine's limits from this --mode limits --json output "
+                        "(train: pct_of_gemm_peak; beam: pct_of_read_limit, the weights read per step at the "
+                        "measured speed against the read bandwidth; measured and written there when the file "
+                        "does not exist)")
     p.add_argument("--stream_mb", type=int, default=1536, help="limits: MB streamed for the read bandwidth")
     p.add_argument("--gemm_n", type=int, default=3072, help="limits: size of the square GEMM")
     p.add_argument("--table", metavar="RESULTS_JSONL", default=None,
@@ -296,10 +311,16 @@ def machine_line() -> str:
 def table(path) -> str:
     """Markdown table of ``--json`` result lines (one per workload)."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    out = [f"Machine: {machine_line()}. Median of timed runs after a warm-up; ratios are pairs from one run.",
-           "",
-           "| model | workload | adapter | jt_lora tokens/s | HF+PEFT tokens/s | speed-up | jt_lora GFLOP/s | peak RSS jt_lora / HF (MB) |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    limits = [r for r in rows if r.get("mode") == "limits"]
+    rows = [r for r in rows if r.get("mode") != "limits"]
+    out = [f"Machine: {machine_line()}. Median of timed runs after a warm-up; ratios are pairs from one run."]
+    if limits:
+        out.append("Limits (`--mode limits`, 2 threads) measured " + " and ".join(
+            f"{lim.get('when', '')}: {lim['gemm_gflops']:.0f} GFLOP/s fp32 GEMM, {lim['read_gbps']:.1f} GB/s read"
+            for lim in limits) + "; the % column uses the first.")
+    out += ["",
+            "| model | workload | adapter | jt_lora tokens/s | HF+PEFT tokens/s | speed-up | jt_lora GFLOP/s | % of limit | peak RSS jt_lora / HF (MB) | load (1 min) |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r["mode"] == "train":
             work = f"train step, batch {r['batch']} x {r['seq']}" + (
@@ -311,9 +332,14 @@ def table(path) -> str:
                 f", {r['precision']}" if r.get("precision", "fp32") != "fp32" else "")
             gflops = "-"
         hf = r.get("hf", {})
-        out.append(f"| {r['model']} | {work} | {r['adapter']} | {r['tokens_per_s']:.1f} | "
-                   f"{hf.get('tokens_per_s', float('nan')):.1f} | {r.get('speedup_vs_hf', float('nan')):.2f}x | "
-                   f"{gflops} | {r['peak_rss_mb']:.0f} / {hf.get('peak_rss_mb', float('nan')):.0f} |")
+        pct = r.get("pct_of_gemm_peak", r.get("pct_of_read_limit"))
+        pct = "-" if pct is None else (f"{pct:.0f}% GEMM" if r["mode"] == "train" else f"{pct:.0f}% read")
+        load = "-".join(f"{x:.1f}" for x in r.get("load_1min", [])) or "-"
+        ratio = f"{r['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in r else "-"
+        hf_rate = f"{hf['tokens_per_s']:.1f}" if hf else "-"
+        hf_mem = f"{hf['peak_rss_mb']:.0f}" if hf else "-"
+        out.append(f"| {r['model']} | {work} | {r['adapter']} | {r['tokens_per_s']:.1f} | {hf_rate} | {ratio} | "
+                   f"{gflops} | {pct} | {r['peak_rss_mb']:.0f} / {hf_mem} | {load} |")
     return "\n".join(out)
 
 
@@ -330,13 +356,15 @@ def _run(args) -> int:
     validate_args(args)
     if args.mode == "limits":
         return _run_limits(args)
-    limits = load_limits(args.limits) if args.limits and args.mode == "train" else None
+    limits = load_limits(args.limits) if args.limits else None
+    load_before = os.getloadavg()[0]
     ours = bench_jittor(args)
     ours["peak_rss_mb"] = peak_rss_mb()
     ours["steps_peak_rss_mb"] = _STEPS_PEAK_MB
     result = {"model": args.model, "mode": args.mode, "adapter": args.adapter, "batch": args.batch,
               "tokens_per_s": ours["tokens_per_s"], "peak_rss_mb": ours["peak_rss_mb"],
-              "steps_peak_rss_mb": _STEPS_PEAK_MB, "jt_lora": ours}
+              "steps_peak_rss_mb": _STEPS_PEAK_MB, "jt_lora": ours,
+              "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     if args.mode == "train":
         result.update(seq=args.seq, loss_fraction=args.loss_fraction, gflops=ours["gflops"], precision=args.precision)
         if limits is not None:
@@ -345,6 +373,11 @@ def _run(args) -> int:
     else:
         result.update(beam=args.beam, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
                       precision=args.precision)
+        if limits is not None and limits.get("read_gbps"):
+            step_gb = beam_step_bytes(args.model, args.precision) / 1e9
+            streamed = step_gb * ours["tokens_per_s"] / args.batch   # one step per new token of a batch
+            result.update(weight_gb_per_step=step_gb, streamed_gbps=streamed, read_limit_gbps=limits["read_gbps"],
+                          pct_of_read_limit=100.0 * streamed / limits["read_gbps"])
     if args.compare == "hf":
         hf = bench_hf(args)
         result["hf"] = hf
@@ -356,6 +389,9 @@ def _run(args) -> int:
         line += f", {ours['gflops']:.1f} GFLOP/s"
         if "pct_of_gemm_peak" in result:
             line += f" ({result['pct_of_gemm_peak']:.0f}% of the {result['gemm_peak_gflops']:.0f} GFLOP/s GEMM peak)"
+    elif "pct_of_read_limit" in result:
+        line += (f", weights streamed at {result['streamed_gbps']:.1f} GB/s ({result['pct_of_read_limit']:.0f}% of the "
+                 f"{result['read_limit_gbps']:.1f} GB/s read limit)")
     if "hf" in result:
         line += (f" | HF+PEFT {result['hf']['tokens_per_s']:.1f} tokens/s, {result['hf']['peak_rss_mb']:.0f} MB"
                  f" | speed-up {result['speedup_vs_hf']:.2f}x, memory {result['memory_ratio_vs_hf']:.2f}x")
