@@ -30,6 +30,7 @@ import numpy as np
 
 from ..backend import jt
 from ..models.kv_cache import KVCache, PlainCache
+from ..nn.kernels import DECODE_ATTEND_CPP
 
 __all__ = ["GatheredCache", "DecodeCache"]
 
@@ -38,7 +39,7 @@ _HEADER = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
-"""
+""" + DECODE_ATTEND_CPP
 
 # in0 qkv [R, 3C]; in1/in2 prompt keys/values [P, H, Tp, D]; in3 prompt key mask [P, Tp] (1 real,
 # 0 padding); in4 each row's prompt [R] int32; in5 ancestry [R, >= t] int32 (row at each earlier
@@ -62,37 +63,10 @@ for (long long r = 0; r < R; r++) {
     #pragma omp for collapse(2) schedule(static)
     for (long long r = 0; r < R; r++)
         for (long long h = 0; h < H; h++) {
-            const float* q = qkv + r * C3 + h * D;
             const long long p = in4_p[r];
-            const float* pk = in1_p + (p * H + h) * Tp * D;
-            const float* pv = in2_p + (p * H + h) * Tp * D;
-            const float* pm = in3_p + p * Tp;
-            long long n = 0;
-            for (long long j = 0; j < Tp; j++, n++) {
-                float s = 0.f;
-                for (long long d = 0; d < D; d++) s += q[d] * pk[j * D + d];
-                w[n] = pm[j] > 0.f ? s / sqrt_d : -1e10f;
-                vrow[n] = pv + j * D;
-            }
-            for (long long s = 0; s <= t; s++, n++) {
-                const long long row = s < t ? in5_p[r * ld_path + s] : r;
-                const float* k = Kb + (s * cap + row) * C + h * D;
-                float a = 0.f;
-                for (long long d = 0; d < D; d++) a += q[d] * k[d];
-                w[n] = a / sqrt_d;
-                vrow[n] = Vb + (s * cap + row) * C + h * D;
-            }
-            float mx = w[0];
-            for (long long j = 1; j < n; j++) mx = w[j] > mx ? w[j] : mx;
-            float sum = 0.f;
-            for (long long j = 0; j < n; j++) { w[j] = std::exp(w[j] - mx); sum += w[j]; }
-            float* o = out0_p + r * C + h * D;
-            for (long long d = 0; d < D; d++) o[d] = 0.f;
-            for (long long j = 0; j < n; j++) {
-                const float pj = w[j] / sum;
-                const float* v = vrow[j];
-                for (long long d = 0; d < D; d++) o[d] += pj * v[d];
-            }
+            jtl_attend_one(qkv + r * C3 + h * D, in1_p + (p * H + h) * Tp * D, in2_p + (p * H + h) * Tp * D,
+                           in3_p + p * Tp, Tp, Kb, Vb, in5_p + r * ld_path, t, r, cap, C, h * D, D, sqrt_d,
+                           w.data(), vrow.data(), out0_p + r * C + h * D);
         }
 }
 """

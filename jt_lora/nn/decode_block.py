@@ -56,7 +56,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..backend import jt
-from .kernels import SMALL_ROWS_MAX, fast_path_available
+from .kernels import DECODE_ATTEND_CPP, SMALL_ROWS_MAX, fast_path_available
 
 __all__ = ["FusedDecoder", "PackedWeights", "block_step", "head_step", "fused_decode_enabled",
            "decode_threads", "plain_dense", "STRIP"]
@@ -218,7 +218,7 @@ static void jdb_layernorm(const float* X, long long R, long long C, const float*
         for (long long c = 0; c < C; c++) y[c] = w[c] * ((x[c] - u) * inv) + b[c];
     }
 }
-"""
+""" + DECODE_ATTEND_CPP
 
 # in0 x [R, C]; in1/in2 prompt keys/values [P, H, Tp, D]; in3 prompt key mask [P, Tp]; in4 each
 # row's prompt [R] int32; in5 ancestry [R, >= t] int32 -> out0 [R, C], the block's output.
@@ -258,39 +258,12 @@ for (auto& a : ranges) a.store(0);
         #pragma omp for collapse(2) schedule(static)
         for (long long r = 0; r < R; r++)
             for (long long hh = 0; hh < H; hh++) {
-                const float* q = qkv + r * C3 + hh * D;
                 std::memcpy(Kb + (t * cap + r) * C + hh * D, qkv + r * C3 + C + hh * D, D * sizeof(float));
                 std::memcpy(Vb + (t * cap + r) * C + hh * D, qkv + r * C3 + 2 * C + hh * D, D * sizeof(float));
                 const long long p = in4_p[r];
-                const float* pk = in1_p + (p * H + hh) * Tp * D;
-                const float* pv = in2_p + (p * H + hh) * Tp * D;
-                const float* pm = in3_p + p * Tp;
-                long long n = 0;
-                for (long long j = 0; j < Tp; j++, n++) {
-                    float s = 0.f;
-                    for (long long d = 0; d < D; d++) s += q[d] * pk[j * D + d];
-                    w[n] = pm[j] > 0.f ? s / sqrt_d : -1e10f;
-                    vrow[n] = pv + j * D;
-                }
-                for (long long s = 0; s <= t; s++, n++) {
-                    const long long row = s < t ? in5_p[r * ld_path + s] : r;
-                    const float* k = Kb + (s * cap + row) * C + hh * D;
-                    float a = 0.f;
-                    for (long long d = 0; d < D; d++) a += q[d] * k[d];
-                    w[n] = a / sqrt_d;
-                    vrow[n] = Vb + (s * cap + row) * C + hh * D;
-                }
-                float mx = w[0];
-                for (long long j = 1; j < n; j++) mx = w[j] > mx ? w[j] : mx;
-                float sum = 0.f;
-                for (long long j = 0; j < n; j++) { w[j] = std::exp(w[j] - mx); sum += w[j]; }
-                float* o = A + r * C + hh * D;
-                for (long long d = 0; d < D; d++) o[d] = 0.f;
-                for (long long j = 0; j < n; j++) {
-                    const float pj = w[j] / sum;
-                    const float* v = vrow[j];
-                    for (long long d = 0; d < D; d++) o[d] += pj * v[d];
-                }
+                jtl_attend_one(qkv + r * C3 + hh * D, in1_p + (p * H + hh) * Tp * D, in2_p + (p * H + hh) * Tp * D,
+                               in3_p + p * Tp, Tp, Kb, Vb, in5_p + r * ld_path, t, r, cap, C, hh * D, D, sqrt_d,
+                               w.data(), vrow.data(), A + r * C + hh * D);
             }
     }   // the for's barrier
     jdb_matmul(A, R, C, W_proj, C, b_proj, false, X, X1, tid, nt, xT.data(), ranges.data());

@@ -19,7 +19,8 @@ import math
 from ..backend import jt, nn, onednn_available, use_cuda
 from . import bf16 as _bf16
 
-__all__ = ["batched_matmul", "dense", "small_rows_matmul", "use_small_rows", "fast_path_available", "SMALL_ROWS_MAX"]
+__all__ = ["batched_matmul", "dense", "small_rows_matmul", "use_small_rows", "fast_path_available", "SMALL_ROWS_MAX",
+           "DECODE_ATTEND_CPP"]
 
 _HEADER = r"""
 extern "C" int dnnl_sgemm(char transa, char transb, long long M, long long N, long long K,
@@ -41,6 +42,44 @@ if (G == 1) {  // one product: let oneDNN use every thread itself
     for (long long g = 0; g < G; g++)
         dnnl_sgemm(@TA ? 'T' : 'N', @TB ? 'T' : 'N', n, k, m, 1.f,
                    in0_p + g * sa, @TA ? n : m, in1_p + g * sb, @TB ? m : k, 0.f, out0_p + g * sc, k);
+}
+"""
+
+
+# One (row, head) of a decode step's attention, shared by generation.cache.DecodeCache's op and
+# nn.decode_block's fused block: softmax(q·k / sqrt(D))·v over the row's prompt keys (padding, mask 0,
+# scored -1e10 as the reference's masked attention) and the keys its ancestry stored in the step
+# buffers (slot s, row path[s]; this step's own row at slot t). w / vrow: scratch of Tp + t + 1.
+DECODE_ATTEND_CPP = r"""
+static inline void jtl_attend_one(const float* q, const float* pk, const float* pv, const float* pm, long long Tp,
+                                  const float* Kb, const float* Vb, const int* path, long long t, long long r,
+                                  long long cap, long long C, long long hoff, long long D, float sqrt_d,
+                                  float* w, const float** vrow, float* o) {
+    long long n = 0;
+    for (long long j = 0; j < Tp; j++, n++) {
+        float s = 0.f;
+        for (long long d = 0; d < D; d++) s += q[d] * pk[j * D + d];
+        w[n] = pm[j] > 0.f ? s / sqrt_d : -1e10f;
+        vrow[n] = pv + j * D;
+    }
+    for (long long s = 0; s <= t; s++, n++) {
+        const long long row = s < t ? path[s] : r;
+        const float* k = Kb + (s * cap + row) * C + hoff;
+        float a = 0.f;
+        for (long long d = 0; d < D; d++) a += q[d] * k[d];
+        w[n] = a / sqrt_d;
+        vrow[n] = Vb + (s * cap + row) * C + hoff;
+    }
+    float mx = w[0];
+    for (long long j = 1; j < n; j++) mx = w[j] > mx ? w[j] : mx;
+    float sum = 0.f;
+    for (long long j = 0; j < n; j++) { w[j] = std::exp(w[j] - mx); sum += w[j]; }
+    for (long long d = 0; d < D; d++) o[d] = 0.f;
+    for (long long j = 0; j < n; j++) {
+        const float pj = w[j] / sum;
+        const float* v = vrow[j];
+        for (long long d = 0; d < D; d++) o[d] += pj * v[d];
+    }
 }
 """
 
