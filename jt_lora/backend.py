@@ -15,7 +15,7 @@ import os
 import signal
 import warnings
 
-__all__ = ["jt", "nn", "cuda_device_count", "use_cuda", "onednn_available", "device_name"]
+__all__ = ["jt", "nn", "cuda_device_count", "use_cuda", "onednn_available", "device_name", "cpu_flags"]
 
 
 def cuda_device_count() -> int:
@@ -75,6 +75,26 @@ def use_cuda() -> bool:
 
 def device_name() -> str:
     return "cuda" if use_cuda() else "cpu"
+
+
+_CPU_FLAGS = None
+
+
+def cpu_flags() -> frozenset:
+    """This CPU's instruction-set flags (``/proc/cpuinfo``; empty elsewhere): which hand kernels fit
+    (AVX-512 or AVX2 register blocking, AMX for bf16). Read once."""
+    global _CPU_FLAGS
+    if _CPU_FLAGS is None:
+        flags = frozenset()
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+        except OSError:
+            pass
+        _CPU_FLAGS = flags
+    return _CPU_FLAGS
 
 
 def onednn_available() -> bool:

@@ -162,7 +162,7 @@ def test_bad_precision_is_refused_in_one_line_before_any_write(tmp_path, extra, 
 
 def test_unavailable_reason_names_the_missing_instructions(monkeypatch):
     from jt_lora.nn import bf16
-    monkeypatch.setattr(bf16, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(bf16, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     reason = bf16.unavailable_reason()
     assert reason is not None and "amx_bf16, amx_tile" in reason and "--precision fp32" in reason
     monkeypatch.setattr(bf16, "use_cuda", lambda: True)

@@ -25,7 +25,7 @@ import ctypes
 import os
 import platform
 
-from ..backend import jt, onednn_available, use_cuda
+from ..backend import cpu_flags, jt, onednn_available, use_cuda
 
 __all__ = ["Bf16Unavailable", "unavailable_reason", "enable", "enabled", "compute", "active", "to_bf16",
            "matmul", "dense", "fused_head_loss", "clear_cache", "PRECISIONS"]
@@ -46,16 +46,6 @@ _ENABLED = False
 _ACTIVE = False
 
 
-def _cpu_flags() -> set:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def unavailable_reason():
     """Why bf16 compute cannot run on this machine, or None when it can (before ``enable()``)."""
     if use_cuda():
@@ -64,7 +54,7 @@ def unavailable_reason():
         return f"bf16 compute needs Linux on x86_64 with AMX, this is {platform.system()} {platform.machine()}"
     if not onednn_available():
         return "bf16 compute needs Jittor's oneDNN, which is not available in this Jittor"
-    missing = [f for f in _NEEDED_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in _NEEDED_FLAGS if f not in cpu_flags()]
     if missing:
         return (f"this CPU lacks {', '.join(missing)}: without AMX, oneDNN's bf16 products are slower "
                 "than fp32 here; use --precision fp32")

@@ -16,7 +16,7 @@ without oneDNN, both fall back to ``jt.matmul`` (cuBLAS has a batched product of
 import functools
 import math
 
-from ..backend import jt, nn, onednn_available, use_cuda
+from ..backend import cpu_flags, jt, nn, onednn_available, use_cuda
 from . import bf16 as _bf16
 
 __all__ = ["batched_matmul", "dense", "small_rows_matmul", "use_small_rows", "fast_path_available", "SMALL_ROWS_MAX",
@@ -263,11 +263,8 @@ def _strip_rows_max() -> int:
     registers with AVX-512, 16 with AVX2; Jittor compiles with -march=native); 0: no strip kernel."""
     global _STRIP_MAX
     if _STRIP_MAX is None:
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            flags = ""
-        _STRIP_MAX = 12 if " avx512f" in flags else (6 if " avx2" in flags else 0)
+        flags = cpu_flags()
+        _STRIP_MAX = 12 if "avx512f" in flags else (6 if "avx2" in flags else 0)
     return _STRIP_MAX
 
 

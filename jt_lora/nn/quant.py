@@ -28,12 +28,11 @@ CPU fast path only (``kernels.fast_path_available()``: oneDNN, no CUDA); elsewhe
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import numpy as np
 
-from ..backend import jt
+from ..backend import cpu_flags, jt
 from .kernels import SMALL_ROWS_MAX, fast_path_available
 
 __all__ = ["PRECISIONS", "STRIP", "check_precision", "quantize_per_channel", "dequantize", "Int8Weight",
@@ -198,11 +197,8 @@ def _rows_in_registers() -> int:
     (32 registers of 16 floats with AVX-512; 16 of 8 with AVX2)."""
     global _ROWS_MAX
     if _ROWS_MAX is None:
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            flags = ""
-        _ROWS_MAX = 12 if " avx512f" in flags else (3 if " avx2" in flags else 1)
+        flags = cpu_flags()
+        _ROWS_MAX = 12 if "avx512f" in flags else (3 if "avx2" in flags else 1)
     return _ROWS_MAX
 
 
