@@ -135,6 +135,9 @@ def bench_jittor(args) -> dict:
     if args.precision != "fp32":
         from .nn.quant import quantize_model
         quantize_model(model)
+    else:   # as jt_lora.generate: the packed strips are the only copy of the block weights
+        from .nn.decode_block import pack_model
+        pack_model(model, rows=args.batch * args.beam)
     prompts = [list(map(int, rng.integers(0, cfg.vocab_size, args.prompt_len))) for _ in range(args.batch)]
 
     def run():  # no eos: every hypothesis runs the full --new_tokens steps, as in the HF run

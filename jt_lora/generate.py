@@ -117,6 +117,9 @@ def _run(args) -> int:
     if args.precision != "fp32":
         from .nn.quant import quantize_model
         quantize_model(model)
+    else:   # the fused step's packed strips become the only copy of the block weights (inference only)
+        from .nn.decode_block import pack_model
+        pack_model(model, rows=args.batch_size * args.beam)
     vocab = model.config.vocab_size
     eos_all = list(dict.fromkeys([50256] + list(args.eos_token_id or [])))
     eos = [e for e in eos_all if 0 <= e < vocab]

@@ -191,13 +191,14 @@ def test_changed_weights_are_repacked():
     assert worst < 1e-5
 
 
-def test_packing_layout():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_packing_layout(transposed):
     """Strip s of a packed [K, N] weight is the contiguous [K, 32] block of columns 32s..32s+31,
-    zero-padded past N."""
+    zero-padded past N (``transposed``: the weight is stored [N, K], as the tied wte)."""
     rng = np.random.default_rng(0)
     w = rng.normal(size=(5, 70)).astype(np.float32)
     dst = np.full(3 * 5 * 32 + 4, -1.0, np.float32)
-    n = decode_block._pack_into(dst, w)
+    n = decode_block._pack_var(dst, jt.array(np.ascontiguousarray(w.T) if transposed else w), transposed)
     assert n == 3 * 5 * 32 and (dst[n:] == -1).all()
     strips = dst[:n].reshape(3, 5, 32)
     np.testing.assert_array_equal(strips[0], w[:, :32])
@@ -250,3 +251,87 @@ def test_online_calibration_keeps_the_faster_count():
     c3.fixed = True
     c3.threads = 2
     assert set(_drive(c3, {2: 1.0, 1: 0.01}, 20)) == {2}   # JT_LORA_DECODE_THREADS: never changes
+
+
+# ----------------------------------------------------------------------------------------------
+# pack_model: the packed strips as the model's only copy of the block weights
+
+def test_packed_model_searches_as_the_fp32_model():
+    """A converted model gives the unconverted model's prompt keys and values bit for bit (the
+    prompt pass unpacks each weight and takes the model's own product), its first logits to float
+    rounding (the head reads the strips) and the same beams and scores."""
+    plain, packed = _model(seed=6), _model(seed=6)
+    summary = decode_block.pack_model(packed, rows=40)
+    assert summary["blocks"] == TINY["n_layer"]
+    for block in packed.transformer.h:
+        assert isinstance(block.attn.c_attn, decode_block.PackedLinear)
+        assert isinstance(block.mlp.c_proj, decode_block.PackedLinear)
+    names = {n for n, _ in packed.named_parameters()}
+    assert not any(".attn.c_attn." in n or ".mlp.c_fc." in n or "wte" in n for n in names)   # fp32 copies gone
+    presents_ref, mask, _ = _prompt_pass(plain, 2, padded=True)
+    presents_new, _, _ = _prompt_pass(packed, 2, padded=True)
+    for (k_ref, v_ref), (k_new, v_new) in zip(presents_ref, presents_new):
+        assert np.array_equal(k_ref.numpy(), k_new.numpy()) and np.array_equal(v_ref.numpy(), v_new.numpy())
+    from jt_lora.generation.steppers import make_stepper
+    ids = np.array([[3, 4, 5, 6], [0, 0, 7, 8]], np.int32)
+    mask = (ids > 0).astype(np.float32)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    first = [make_stepper(True, m, ids, mask, pos, True, 8, 3).first_logits for m in (plain, packed)]
+    np.testing.assert_allclose(first[1], first[0], rtol=1e-5, atol=1e-5 * np.abs(first[0]).max())
+    assert FusedDecoder.for_model(packed, rows=40).packed is packed.decode_packed
+    assert packed not in decode_block._PACKED                    # no second copy
+    worst, _ = _compare_steps(plain, FusedDecoder.for_model(packed), 4, 10, True)
+    assert worst < 1e-5
+    prompts = [[3, 9, 14, 7], [22, 5], [40, 41, 42, 43, 44, 45]]
+    kw = dict(beam=4, max_new_tokens=10, batch_size=3, eos_token_ids=(), return_scores=True)
+    ref, s_ref = beam_search(plain, prompts, **kw)
+    got, s_got = beam_search(packed, prompts, **kw)
+    assert got == ref
+    np.testing.assert_allclose(s_got, s_ref, atol=1e-5)
+    assert decode_block.pack_model(packed)["already"]
+
+
+def test_packed_model_is_inference_only_and_refusals_leave_the_model():
+    m = _model(seed=7)
+    decode_block.pack_model(m)
+    m.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        m(jt.array(np.array([[1, 2, 3]], np.int32)))
+    m.eval()
+    with pytest.raises(RuntimeError, match="inference only"):   # the full logits need wte
+        m(jt.array(np.array([[1, 2, 3]], np.int32)))
+    ina = _model(seed=1, adapter="ina", lora_inhibition=0.3)
+    assert decode_block.pack_model(ina) is None                  # InA never merges: nothing packed
+    assert not isinstance(ina.transformer.h[0].attn.c_attn, decode_block.PackedLinear)
+    lora = _model(seed=1)
+    assert decode_block.pack_model(lora, rows=65) is None        # more rows than the fused step takes
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS")
+def test_packing_in_place_costs_no_second_copy():
+    """~113 MB of block weights: the copy mode adds about that much resident memory, pack_model
+    about none (each block's fp32 tensors are freed and returned to the OS as it goes)."""
+    kw = dict(seed=8, std=0.05, n_embd=768, n_head=12, n_layer=4, vocab_size=100)
+    block_mb = 4 * 12 * 768 * 768 * 4 / 2 ** 20
+    copy = _model(**kw)
+    jt.sync_all()
+    decode_block._release_freed_memory()
+    before = _rss_mb()
+    assert FusedDecoder.for_model(copy) is not None
+    grown = _rss_mb() - before
+    assert grown > 0.8 * block_mb                                # the copy mode: a second copy
+    del copy
+    decode_block._release_freed_memory()
+    m = _model(**kw)
+    jt.sync_all()
+    decode_block._release_freed_memory()
+    before = _rss_mb()
+    decode_block.pack_model(m)
+    assert _rss_mb() - before < 0.25 * block_mb, (_rss_mb() - before, block_mb)

@@ -91,8 +91,9 @@ def lm_head(model):
     """The tied LM head ``wte`` [V, C]. ``nn.matmul_transpose`` (what ``model.logits`` uses) copies
     the transposed 50257x768 weight on every call; oneDNN's sgemm reads it transposed in place
     (``jt_lora.nn.kernels``), so no copy is made at all (it cost ~40 ms a step and 154 MB on GPT-2 S).
-    An int8 head set by ``nn.quant.quantize_model`` (``--precision int8``) is taken instead."""
-    head = getattr(model, "quantized_head", None)
+    An int8 head set by ``nn.quant.quantize_model`` (``--precision int8``) is taken instead, and the
+    strips of a model packed by ``nn.decode_block.pack_model``."""
+    head = getattr(model, "quantized_head", None) or getattr(model, "packed_head", None)
     return model.transformer.wte.weight if head is None else head
 
 

@@ -58,8 +58,8 @@ import numpy as np
 from ..backend import jt
 from .kernels import DECODE_ATTEND_CPP, SMALL_ROWS_MAX, fast_path_available
 
-__all__ = ["FusedDecoder", "PackedWeights", "block_step", "head_step", "fused_decode_enabled",
-           "decode_threads", "plain_dense", "STRIP"]
+__all__ = ["FusedDecoder", "PackedWeights", "PackedLinear", "pack_model", "block_step", "head_step",
+           "fused_decode_enabled", "decode_threads", "plain_dense", "STRIP"]
 
 STRIP = 32          # output columns per packed strip
 _ALIGN = 2 << 20    # huge-page alignment of the packed buffer
@@ -295,6 +295,70 @@ for (auto& a : ranges) a.store(0);
 }
 """
 
+# in0 x [R, C] -> out0 [R, N]: x times the strips at data["addr"] (the packed head of a pack_model model,
+# for the prompt pass), threads: OpenMP's default.
+_STRIPS_SRC = r"""
+const long long R = in0_shape0, C = in0_shape1, N = out0_shape1;
+const float* W = (const float*)(uintptr_t)data["addr"];
+std::vector<std::atomic<unsigned long long>> ranges(omp_get_max_threads() + 64);
+for (auto& a : ranges) a.store(0);
+#pragma omp parallel
+{
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float> xT((size_t)(R * C));
+    jdb_matmul(in0_p, R, C, W, N, nullptr, false, nullptr, out0_p, tid, nt, xT.data(), ranges.data());
+}
+"""
+
+# in0 token ids [T] int32 -> out0 [T, C]: rows of wte read back from the packed head wte^T (strip t / 32,
+# column t % 32 of each of its C rows).
+_GATHER_SRC = r"""
+const long long T = in0_shape0, C = out0_shape1, V = (long long)data["vocab"];
+const float* W = (const float*)(uintptr_t)data["addr"];
+for (long long i = 0; i < T; i++) {
+    const long long t = in0_p[i];
+    float* o = out0_p + i * C;
+    if (t < 0 || t >= V) { for (long long k = 0; k < C; k++) o[k] = NAN; continue; }
+    const float* w = W + (t / 32) * C * 32 + t % 32;
+    for (long long k = 0; k < C; k++) o[k] = w[k * 32];
+}
+"""
+
+# in0 a weight [K, N] (data["transposed"] 0) or [N, K] (1: the tied wte) -> its strips [ceil(N/32), K, 32]
+# written at data["addr"] (zero columns pad the last strip); out0 [1] is a dummy. Reads the Var's own
+# memory: no host copy of the weight is made while packing.
+_PACK_SRC = r"""
+const bool tr = data["transposed"] != 0;
+const long long K = tr ? in0_shape1 : in0_shape0, N = tr ? in0_shape0 : in0_shape1, NS = (N + 31) / 32;
+const float* W = in0_p;
+float* D = (float*)(uintptr_t)data["addr"];
+#pragma omp parallel for schedule(static)
+for (long long s = 0; s < NS; s++) {
+    float* d = D + s * K * 32;
+    const long long n0 = s * 32, cn = std::min<long long>(32, N - n0);
+    if (!tr) {
+        for (long long k = 0; k < K; k++) {
+            std::memcpy(d + k * 32, W + k * N + n0, sizeof(float) * cn);
+            for (long long j = cn; j < 32; j++) d[k * 32 + j] = 0.f;
+        }
+    } else {
+        for (long long j = 0; j < 32; j++)
+            for (long long k = 0; k < K; k++) d[k * 32 + j] = j < cn ? W[(n0 + j) * K + k] : 0.f;
+    }
+}
+out0_p[0] = 0.f;
+"""
+
+# out0 [K, N]: one projection's weight unpacked from its strips at data["addr"] (PackedLinear).
+_UNPACK_SRC = r"""
+const long long K = out0_shape0, N = out0_shape1, NS = (N + 31) / 32;
+const float* P = (const float*)(uintptr_t)data["addr"];
+#pragma omp parallel for schedule(static)
+for (long long k = 0; k < K; k++)
+    for (long long s = 0; s < NS; s++)
+        std::memcpy(out0_p + k * N + s * 32, P + (s * K + k) * 32, sizeof(float) * std::min<long long>(32, N - s * 32));
+"""
+
 
 def fused_decode_enabled() -> bool:
     """The fused step is on unless ``JT_LORA_FUSED_DECODE=0`` (and needs the CPU fast path)."""
@@ -383,20 +447,25 @@ def _pad(n: int) -> int:
 
 class PackedWeights:
     """One 2 MB-aligned float32 buffer (advised ``MADV_HUGEPAGE`` when allowed) holding every
-    block's vectors and strip-packed weights, then ``ln_f`` and the strip-packed ``wte^T``."""
+    block's vectors and strip-packed weights, then ``ln_f`` and the strip-packed ``wte^T``.
 
-    def __init__(self, blocks: List[dict], ln_f, wte, head: bool = True):
-        c = int(wte.shape[1])
-        self.n_embd, self.vocab = c, int(wte.shape[0])
+    Built empty (the mapping's pages cost nothing until written), then filled one block at a time
+    (:meth:`pack_block`, :meth:`pack_head`), so :func:`pack_model` can drop each block's fp32
+    tensors as it goes."""
+
+    def __init__(self, n_blocks: int, n_embd: int, eps: float, vocab: int):
+        c = self.n_embd = int(n_embd)
+        self.n_blocks, self.eps = int(n_blocks), float(eps)
         p1, p3, p4 = _pad(c), _pad(3 * c), _pad(4 * c)
-        vec_floats = 4 * p1 + p3 + p1 + p4 + p1
-        self.block_w_off = vec_floats   # a multiple of 32 floats: the weights start 128-byte aligned
-        block_floats = self.block_w_off + c * p3 + c * p1 + c * p4 + 4 * c * p1
-        block_floats = (block_floats + 1023) // 1024 * 1024
-        self.head_w_off = 2 * p1
-        head_floats = self.head_w_off + c * _pad(self.vocab) if head else 0
-        total = block_floats * len(blocks) + head_floats
-        nbytes = total * 4
+        self.block_w_off = 4 * p1 + p3 + p1 + p4 + p1   # 32-float multiple: weights start 128-byte aligned
+        # where each projection's strips start in a block, and its [in, out] shape
+        self.layout = {"attn": (self.block_w_off, c, 3 * c)}
+        self.layout["proj"] = (self.layout["attn"][0] + c * p3, c, c)
+        self.layout["fc"] = (self.layout["proj"][0] + c * p1, c, 4 * c)
+        self.layout["mproj"] = (self.layout["fc"][0] + c * p4, 4 * c, c)
+        self.block_floats = (self.layout["mproj"][0] + 4 * c * p1 + 1023) // 1024 * 1024
+        self.vocab, self.head_w_off = int(vocab), 2 * p1
+        nbytes = (self.block_floats * self.n_blocks + self.head_w_off + c * _pad(self.vocab)) * 4
         # private: a shared anonymous mapping is shmem, which has its own (usually off) huge-page switch
         self._map = mmap.mmap(-1, nbytes + _ALIGN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         raw = np.frombuffer(self._map, np.uint8)
@@ -411,30 +480,57 @@ class PackedWeights:
                 pass
         self.buf = raw[start:start + nbytes].view(np.float32)
         self.nbytes = nbytes
-        self.block_addr = []
+        self.block_addr: List[Optional[int]] = [None] * self.n_blocks
+        self.head_addr: Optional[int] = None
+
+    @classmethod
+    def of_model(cls, blocks: List[dict], ln_f, wte) -> "PackedWeights":
+        """A packed copy of every block (``_block_tensors`` dicts) and of the head; the model keeps
+        its tensors."""
+        packed = cls(len(blocks), int(wte.shape[1]), blocks[0]["eps"], int(wte.shape[0]))
         for i, t in enumerate(blocks):
-            seg = self.buf[i * block_floats:(i + 1) * block_floats]
-            vecs = [(t["ln1"][0], p1), (t["ln1"][1], p1), (t["attn"][1], p3), (t["proj"][1], p1),
-                    (t["ln2"][0], p1), (t["ln2"][1], p1), (t["fc"][1], p4), (t["mproj"][1], p1)]
-            off = 0
-            for v, n in vecs:
-                seg[off:off + n] = 0.0
-                if v is not None:
-                    arr = v.numpy().reshape(-1)
-                    seg[off:off + arr.size] = arr
-                off += n
-            off = self.block_w_off
-            for key in ("attn", "proj", "fc", "mproj"):
-                off += _pack_into(seg[off:], t[key][0].numpy())
-            self.block_addr.append(seg.ctypes.data)
-        self.head_addr = None
-        if head:
-            seg = self.buf[len(blocks) * block_floats:]
-            seg[:self.head_w_off] = 0.0
-            seg[:c] = ln_f.weight.numpy()
-            seg[p1:p1 + c] = ln_f.bias.numpy()
-            _pack_into(seg[self.head_w_off:], wte.numpy().T)
-            self.head_addr = seg.ctypes.data
+            packed.pack_block(i, t)
+        packed.pack_head(ln_f, wte)
+        return packed
+
+    def pack_head(self, ln_f, wte) -> None:
+        """Write ``ln_f``'s vectors and ``wte^T`` [C, V] as strips after the blocks."""
+        c, p1 = self.n_embd, _pad(self.n_embd)
+        seg = self.buf[self.n_blocks * self.block_floats:]
+        seg[:self.head_w_off] = 0.0
+        seg[:c] = ln_f.weight.numpy()
+        seg[p1:p1 + c] = ln_f.bias.numpy()
+        _pack_var(seg[self.head_w_off:], wte, transposed=True)
+        self.head_addr = seg.ctypes.data
+
+    @property
+    def head_strips_addr(self) -> int:
+        return self.head_addr + 4 * self.head_w_off
+
+    def pack_block(self, i: int, t: dict) -> None:
+        """Write block ``i``'s tensors (a ``_block_tensors`` dict) into its segment."""
+        p1, p3, p4 = _pad(self.n_embd), _pad(3 * self.n_embd), _pad(4 * self.n_embd)
+        seg = self.buf[i * self.block_floats:(i + 1) * self.block_floats]
+        vecs = [(t["ln1"][0], p1), (t["ln1"][1], p1), (t["attn"][1], p3), (t["proj"][1], p1),
+                (t["ln2"][0], p1), (t["ln2"][1], p1), (t["fc"][1], p4), (t["mproj"][1], p1)]
+        off = 0
+        for v, n in vecs:
+            seg[off:off + n] = 0.0
+            if v is not None:
+                arr = v.numpy().reshape(-1)
+                seg[off:off + arr.size] = arr
+            off += n
+        for key in ("attn", "proj", "fc", "mproj"):
+            start, k, n = self.layout[key]
+            w = t[key][0]
+            if tuple(w.shape) != (k, n):
+                raise ValueError(f"block {i} {key}: weight shape {tuple(w.shape)}, expected {(k, n)}")
+            _pack_var(seg[start:], w)
+        self.block_addr[i] = seg.ctypes.data
+
+    def weight_addr(self, i: int, key: str) -> int:
+        """Address of block ``i``'s ``key`` projection strips (``attn``, ``proj``, ``fc``, ``mproj``)."""
+        return self.block_addr[i] + 4 * self.layout[key][0]
 
     def hugepage_bytes(self) -> Optional[int]:
         """Bytes of the packed mapping backed by transparent huge pages (its ``AnonHugePages`` in
@@ -454,19 +550,16 @@ class PackedWeights:
         return None
 
 
-def _pack_into(dst: np.ndarray, w: np.ndarray) -> int:
-    """Write ``w`` [K, N] as ``[ceil(N/32), K, 32]`` strips (zero columns pad the last) into ``dst``;
-    returns the floats written."""
-    k, n = w.shape
-    ns = (n + STRIP - 1) // STRIP
-    out = dst[:ns * k * STRIP].reshape(ns, k, STRIP)
-    full = n // STRIP
-    if full:
-        out[:full] = w[:, :full * STRIP].reshape(k, full, STRIP).transpose(1, 0, 2)
-    if n % STRIP:
-        out[full] = 0.0
-        out[full, :, :n % STRIP] = w[:, full * STRIP:]
-    return ns * k * STRIP
+def _pack_var(dst: np.ndarray, w, transposed: bool = False) -> int:
+    """Write the Var ``w`` [K, N] (``transposed``: [N, K]) as ``[ceil(N/32), K, 32]`` strips (zero
+    columns pad the last) into the float32 array ``dst``; returns the floats written."""
+    k, n = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+    floats = (n + STRIP - 1) // STRIP * k * STRIP
+    if dst.dtype != np.float32 or dst.size < floats or not dst.flags.c_contiguous:
+        raise ValueError(f"pack destination too small or not float32: {dst.size} < {floats}")
+    jt.code((1,), "float32", [w], cpu_header=_HEADER, cpu_src=_PACK_SRC,
+            data=dict(addr=float(dst.ctypes.data), transposed=float(bool(transposed)))).sync()
+    return floats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,19 +585,36 @@ def head_step(x, packed: PackedWeights, eps: float, threads: int):
 # ----------------------------------------------------------------------------------------------
 # The model-level step
 
-_PACKED = weakref.WeakKeyDictionary()   # model -> (signature, PackedWeights)
+_PACKED = weakref.WeakKeyDictionary()   # model -> (signature, PackedWeights): the copy mode
 
 
 def _signature(tensors) -> tuple:
     return tuple(None if v is None else v.id for v in tensors)
 
 
+def _fusable_blocks(model, rows: int) -> Optional[list]:
+    """The ``_block_tensors`` of every block when the fused step applies to ``model`` feeding
+    ``rows`` rows a step, else None (see the module docstring)."""
+    if not fused_decode_enabled() or rows > SMALL_ROWS_MAX:
+        return None
+    tr = getattr(model, "transformer", None)
+    if tr is None or getattr(model, "quantized", False) or getattr(model, "quantized_head", None) is not None:
+        return None
+    blocks = [_block_tensors(b) for b in tr.h]
+    wte = tr.wte.weight
+    if (any(b is None for b in blocks) or tr.is_train or not _is(tr.ln_f, "LayerNorm")
+            or not isinstance(wte, jt.Var) or wte.dtype != "float32" or len({b["eps"] for b in blocks}) != 1):
+        return None
+    return blocks
+
+
 class FusedDecoder:
     """A beam step of a whole GPT-2 through the fused ops: embeddings (Jittor), one op per block,
     one for ``ln_f`` + head. Build with :meth:`for_model` (None when the model's path must be used)."""
 
-    def __init__(self, model, blocks, packed: PackedWeights, eps: float, head_eps: float):
-        self.model, self.blocks, self.packed, self.eps, self.head_eps = model, blocks, packed, eps, head_eps
+    def __init__(self, model, packed: PackedWeights):
+        self.model, self.packed, self.eps = model, packed, packed.eps
+        self.head_eps = model.transformer.ln_f.eps
         if packed.threads is None:   # the choice outlives one search: kept with the packed copy
             packed.threads = ThreadChooser()
         self.chooser = packed.threads
@@ -517,31 +627,32 @@ class FusedDecoder:
 
     @classmethod
     def for_model(cls, model, rows: int = 1) -> Optional["FusedDecoder"]:
-        """The fused decoder for ``model`` feeding at most ``rows`` rows a step (repacking its
-        weights if they changed), or None when the model's own path applies (see the module
-        docstring; more than ``kernels.SMALL_ROWS_MAX`` rows go to oneDNN's packed products)."""
-        if not fused_decode_enabled() or rows > SMALL_ROWS_MAX:
-            return None
-        tr = getattr(model, "transformer", None)
-        if tr is None or getattr(model, "quantized", False) or getattr(model, "quantized_head", None) is not None:
-            _PACKED.pop(model, None)
-            return None
-        blocks = [_block_tensors(b) for b in tr.h]
-        wte = tr.wte.weight
-        if (any(b is None for b in blocks) or tr.is_train or not _is(tr.ln_f, "LayerNorm")
-                or not isinstance(wte, jt.Var) or wte.dtype != "float32" or len({b["eps"] for b in blocks}) != 1):
+        """The fused decoder for ``model`` feeding at most ``rows`` rows a step, or None when the
+        model's own path applies (see the module docstring; more than ``kernels.SMALL_ROWS_MAX``
+        rows go to oneDNN's packed products).
+
+        A model converted by :func:`pack_model` uses its packed weights. Any other model gets a
+        packed copy, kept while its tensors keep their ids (repacked when they change, dropped when
+        the model is back in train mode)."""
+        own = getattr(model, "decode_packed", None)
+        if own is not None:
+            ok = fused_decode_enabled() and rows <= SMALL_ROWS_MAX and not model.transformer.is_train
+            return cls(model, own) if ok else None
+        blocks = _fusable_blocks(model, rows)
+        if blocks is None:
             _PACKED.pop(model, None)   # e.g. back in train mode: the copy is stale, free it
             return None
-        tensors = [wte, tr.ln_f.weight, tr.ln_f.bias]
+        tr = model.transformer
+        tensors = [tr.wte.weight, tr.ln_f.weight, tr.ln_f.bias]
         for b in blocks:
             tensors += [*b["ln1"], *b["ln2"], *b["attn"], *b["proj"], *b["fc"], *b["mproj"]]
         sig = _signature(tensors)
         hit = _PACKED.get(model)
         if hit is None or hit[0] != sig:
             _PACKED.pop(model, None)   # free the old copy before building the new one
-            hit = (sig, PackedWeights(blocks, tr.ln_f, wte))
+            hit = (sig, PackedWeights.of_model(blocks, tr.ln_f, tr.wte.weight))
             _PACKED[model] = hit
-        return cls(model, blocks, hit[1], blocks[0]["eps"], tr.ln_f.eps)
+        return cls(model, hit[1])
 
     def hidden(self, cache, tokens: np.ndarray, positions: np.ndarray):
         """The blocks' output (before ``ln_f``) for one token per row: [R, C] Var."""
@@ -549,7 +660,7 @@ class FusedDecoder:
         rows = len(tokens)
         x = tr.wte(jt.array(tokens.astype(np.int32).reshape(rows))) + \
             tr.wpe(jt.array(positions.astype(np.int32).reshape(rows)))
-        for i in range(len(self.blocks)):
+        for i in range(self.packed.n_blocks):
             inputs, data = cache.layer_inputs(i)
             x = block_step(x, inputs, data, self.packed, i, self.eps, self.threads)
         return x
@@ -564,6 +675,125 @@ class FusedDecoder:
 
     def _calibrate(self, seconds: float) -> None:
         self.chooser.record(seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing in place: the packed strips become the model's only copy of the block weights
+
+class PackedLinear(jt.Module):
+    """Inference-only stand-in for a plain projection whose weight lives in a :class:`PackedWeights`
+    (:func:`pack_model`). The fused step reads the strips directly; any other forward (the prompt
+    pass) unpacks the weight into a temporary and takes ``kernels.dense``, the model's own product,
+    so it gives what the fp32 layer gave, bit for bit."""
+
+    def __init__(self, packed: PackedWeights, block: int, key: str, bias=None):
+        self.is_train = False
+        self._packed, self._addr = packed, packed.weight_addr(block, key)
+        _, self.in_features, self.out_features = packed.layout[key]
+        self.fan_in_fan_out = True
+        self._bias = bias   # a Var: underscore, so Jittor does not list it as a parameter
+
+    def unpacked_weight(self):
+        """The weight [in, out] as a new Var (exactly the packed values)."""
+        return jt.code((self.in_features, self.out_features), "float32", [], cpu_header=_HEADER,
+                       cpu_src=_UNPACK_SRC, data=dict(addr=float(self._addr)))
+
+    def execute(self, x):
+        if self.is_train:
+            raise RuntimeError("a model packed for decoding (jt_lora.nn.decode_block.pack_model) is inference "
+                               "only: its fp32 block weights live in the packed strips")
+        from .kernels import dense
+        return dense(x, self.unpacked_weight(), self._bias, True)
+
+
+class PackedEmbedding(jt.Module):
+    """Inference-only stand-in for the tied ``wte`` of a :func:`pack_model` model: token rows read
+    back from the packed head's ``wte^T`` strips (exactly the embedding's values)."""
+
+    def __init__(self, packed: PackedWeights):
+        self.is_train = False
+        self._packed = packed
+        self.num_embeddings, self.embedding_dim = packed.vocab, packed.n_embd
+
+    @property
+    def weight(self):
+        raise RuntimeError("a model packed for decoding (jt_lora.nn.decode_block.pack_model) is inference "
+                           "only: its wte lives in the packed head's strips")
+
+    def execute(self, ids):
+        flat = ids.reshape((-1,)).int32()
+        out = jt.code((flat.shape[0], self.embedding_dim), "float32", [flat], cpu_header=_HEADER,
+                      cpu_src=_GATHER_SRC, data=dict(addr=float(self._packed.head_strips_addr),
+                                                     vocab=float(self.num_embeddings)))
+        return out.reshape(tuple(ids.shape) + (self.embedding_dim,))
+
+
+class PackedHead:
+    """The tied LM head of a :func:`pack_model` model for the prompt pass: ``head(h [R, C])`` ->
+    logits [R, V] through the strips (``generation.steppers.lm_head`` takes it)."""
+
+    def __init__(self, packed: PackedWeights):
+        self._packed = packed
+
+    def __call__(self, hidden):
+        return jt.code((hidden.shape[0], self._packed.vocab), "float32", [hidden], cpu_header=_HEADER,
+                       cpu_src=_STRIPS_SRC, data=dict(addr=float(self._packed.head_strips_addr)))
+
+
+_PROJECTIONS = (("attn", "c_attn", "attn"), ("attn", "c_proj", "proj"), ("mlp", "c_fc", "fc"),
+                ("mlp", "c_proj", "mproj"))
+
+
+def _release_freed_memory() -> None:
+    """Give memory freed by dropped tensors back to the OS: Jittor's allocator keeps freed blocks
+    (``jt.gc()`` returns them to malloc) and glibc keeps freed heap pages (``malloc_trim``)."""
+    jt.gc()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def pack_model(model, rows: int = 1) -> Optional[dict]:
+    """Make the packed strips the model's only copy of its block weights and of ``wte``, for
+    inference-only callers (``jt_lora.generate``, ``jt_lora.bench``): each block's four projections
+    are packed, then replaced by :class:`PackedLinear` modules, and their fp32 tensors (with a
+    merged layer's saved unmerged weight) are freed before the next block is packed; then ``wte^T``
+    is packed and ``wte`` replaced by :class:`PackedEmbedding` (the head reads the strips:
+    :class:`PackedHead`). Peak memory is the model plus one block (plus the head's strips while
+    ``wte`` is packed), and afterwards the packed copy costs nothing over the fp32 model (the copy
+    mode of :meth:`FusedDecoder.for_model` keeps both: +494 MB on GPT-2 S, +1.41 GB on M).
+
+    One-way: the model is inference only afterwards (``train()`` then a forward raises; adapters
+    cannot be saved). Puts the model in eval mode (adapters merged). Returns a summary, or None
+    (model unchanged apart from eval mode) where the fused step does not apply (``rows`` rows a
+    step, see :meth:`FusedDecoder.for_model`).
+    """
+    if getattr(model, "decode_packed", None) is not None:
+        return {"blocks": model.decode_packed.n_blocks, "bytes": model.decode_packed.nbytes, "already": True}
+    model.eval()
+    blocks = _fusable_blocks(model, rows)
+    if blocks is None:
+        return None
+    tr = model.transformer
+    packed = PackedWeights(len(blocks), int(tr.wte.weight.shape[1]), blocks[0]["eps"], int(tr.wte.weight.shape[0]))
+    del blocks   # hold no block's tensors but the one being packed
+    _PACKED.pop(model, None)
+    for i, block in enumerate(model.transformer.h):
+        t = _block_tensors(block)
+        packed.pack_block(i, t)
+        for parent_name, name, key in _PROJECTIONS:
+            bias = t[key][1]
+            setattr(getattr(block, parent_name), name,
+                    PackedLinear(packed, i, key, None if bias is None else bias.stop_grad()))
+        del t, bias
+        _release_freed_memory()
+    packed.pack_head(tr.ln_f, tr.wte.weight)
+    tr.wte = PackedEmbedding(packed)
+    _release_freed_memory()
+    model.decode_packed, model.packed_head = packed, PackedHead(packed)
+    return {"blocks": packed.n_blocks, "bytes": packed.nbytes, "hugepages": packed.hugepages}
 
 
 class ThreadChooser:
