@@ -17,10 +17,16 @@ of GPT-2 S ran ~100 regions and its threads spent much of their time forking and
   slowed by another process does not hold the phase back. The rows (at most 12 per pass with
   AVX-512; more rows go in passes over the strip, which is then in L2) sit in registers, two
   vectors of accumulators each, as in ``kernels.small_rows_matmul``.
-  Memory: one extra copy of every block weight and of the head (GPT-2 S: 340 + 154 MB, GPT-2 M:
-  1.21 GB + 206 MB), in one private anonymous mapping aligned to 2 MB and advised
-  ``MADV_HUGEPAGE`` where transparent huge pages allow it (``JT_LORA_DECODE_HUGEPAGES=0``: not
-  advised). Packing takes ~2 s (GPT-2 S) / ~4 s (GPT-2 M) once per model and set of weights.
+  The strips of every block weight and of the head (GPT-2 S: 340 + 154 MB, GPT-2 M: 1.21 GB +
+  206 MB) sit in one private anonymous mapping aligned to 2 MB and advised ``MADV_HUGEPAGE`` where
+  transparent huge pages allow it (``JT_LORA_DECODE_HUGEPAGES=0``: not advised), written by a C
+  loop straight from each Var's memory.
+* Memory, two modes. :func:`pack_model` (what ``jt_lora.generate`` and ``jt_lora.bench`` do) makes
+  the strips the model's *only* copy: block by block, each projection becomes a
+  :class:`PackedLinear` and its fp32 tensors are freed and given back to the OS before the next
+  block is packed; ``wte`` becomes a :class:`PackedEmbedding` reading the head's strips. The model
+  is inference only afterwards. Any other caller gets a packed *copy* (:meth:`FusedDecoder.for_model`),
+  which costs a second copy of the weights while it is kept.
 * GELU is GPT-2's tanh form written as ``y / (1 + exp(-2u))`` (``1 + tanh(u) = 2 sigmoid(2u)``)
   with a vector ``exp`` (range reduction, degree-7 polynomial, relative error ~2e-7).
 
