@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..backend import jt, nn
+from ..nn.fused_attention import attention_core, attention_core_applies
 from ..nn.fused_norm import gelu_tanh, layer_norm, use_fused_norm
 from ..nn.ia3 import IA3Linear
 from ..nn.kernels import attention_softmax, batched_matmul, fast_path_available
@@ -163,11 +164,17 @@ class Attention(AdapterModule):
         Returns (a [B, T, C], (k, v) each [B, H, T_past+T, D], probs or None).
         """
         n = self.n_embd
+        keep, add = bias_mask  # the reference's w*b - 1e10*(1-b), then softmax
+        if (past_kv is None and head_mask is None and not want_probs and not (self.attn_pdrop > 0 and self.training)
+                and attention_core_applies(qkv, keep, self.n_head)):
+            # one op each way, q/k/v read in place (nn.fused_attention); k and v below are only
+            # computed when the caller uses the presents (Jittor is lazy)
+            a = attention_core(qkv, keep, self.n_head, math.sqrt(n // self.n_head))
+            return a, tuple(self._split(qkv[:, :, i * n:(i + 1) * n]) for i in (1, 2)), None
         q, k, v = (self._split(qkv[:, :, i * n:(i + 1) * n]) for i in range(3))
         if past_kv is not None:
             k = jt.concat([past_kv[0], k], dim=2)
             v = jt.concat([past_kv[1], v], dim=2)
-        keep, add = bias_mask  # the reference's w*b - 1e10*(1-b), then softmax
         probs = attention_softmax(batched_matmul(q, k, transpose_b=True), keep, add, math.sqrt(v.shape[-1]))
         probs = _dropout(self, probs, self.attn_pdrop)
         if head_mask is not None:
