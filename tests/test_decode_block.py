@@ -12,7 +12,7 @@ from jt_lora import GPT2Config, GPT2LMModel
 from jt_lora.backend import jt
 from jt_lora.generation.beam import beam_search
 from jt_lora.generation.cache import DecodeCache
-from jt_lora.generation.steppers import last_logits
+from jt_lora.generation.steppers import last_logits, lm_head
 from jt_lora.nn import decode_block
 from jt_lora.nn.decode_block import FusedDecoder, PackedWeights, block_step
 from jt_lora.nn.kernels import fast_path_available
@@ -73,7 +73,7 @@ def _compare_steps(model, fused, prompts, beam, padded, steps=5, threads=None, s
         with jt.no_grad():
             hidden, _, _ = model.transformer(jt.array(tokens.astype(np.int32).reshape(rows, 1)), past=ref_cache,
                                              position_ids=jt.array(pos.astype(np.int32).reshape(rows, 1)))
-        ref = last_logits(model.transformer.wte.weight, hidden)
+        ref = last_logits(lm_head(model), hidden)
         got = fused.step(new_cache, tokens, pos)
         assert got.shape == ref.shape and got.dtype == np.float32 and got.flags.writeable
         worst = max(worst, float(np.abs(got - ref).max() / np.abs(ref).max()))
@@ -335,3 +335,36 @@ def test_packing_in_place_costs_no_second_copy():
     before = _rss_mb()
     decode_block.pack_model(m)
     assert _rss_mb() - before < 0.25 * block_mb, (_rss_mb() - before, block_mb)
+
+
+# ----------------------------------------------------------------------------------------------
+# --precision int8: the same fused block over the quantized strips
+
+def test_int8_fused_steps_equal_the_int8_model_path(monkeypatch):
+    """The int8 block and head ops (nn.quant's strips read in place) give the quantized model's own
+    path (its QuantizedLinear and QuantizedHead kernels) to float rounding, and the same beams."""
+    from jt_lora.nn.quant import quantize_model
+    m = _model(seed=9)
+    quantize_model(m)
+    fused = FusedDecoder.for_model(m, rows=40)
+    assert fused is not None and isinstance(fused.packed, decode_block.Int8Blocks)
+    for prompts, beam, padded in ((1, 10, False), (4, 10, True), (2, 7, True)):
+        worst, _ = _compare_steps(m, fused, prompts, beam, padded)
+        assert worst < 1e-5
+    prompts = [[3, 9, 14, 7], [22, 5], [40, 41, 42, 43, 44, 45]]
+    kw = dict(beam=4, max_new_tokens=10, batch_size=3, eos_token_ids=(), return_scores=True)
+    got, s_got = beam_search(m, prompts, **kw)
+    monkeypatch.setenv("JT_LORA_FUSED_DECODE", "0")
+    ref, s_ref = beam_search(m, prompts, **kw)
+    assert got == ref
+    np.testing.assert_allclose(s_got, s_ref, atol=1e-5)
+
+
+def test_int8_without_its_head_or_with_ina_keeps_the_model_path():
+    from jt_lora.nn.quant import quantize_model
+    m = _model(seed=9)
+    quantize_model(m, head=False)
+    assert FusedDecoder.for_model(m) is None
+    ina = _model(seed=1, adapter="ina", lora_inhibition=0.3)
+    quantize_model(ina)                                   # InA keeps an fp32 low-rank path on top
+    assert FusedDecoder.for_model(ina) is None

@@ -77,6 +77,7 @@ _HEADER = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include <immintrin.h>
 #include <omp.h>
 #if defined(__AVX512F__)
 #define JDB_VEC 16
@@ -122,16 +123,32 @@ static inline jdb_vec jdb_gelu(jdb_vec y) {
     return y / (1.f + jdb_exp(-2.f * u));
 }
 
-// one strip: acc[MB][S] = xT[K][MB]^T . w[K][S] (w: the packed strip), then + bias, GELU if asked
-template <int MB>
-static inline void jdb_strip(const float* __restrict xT, const float* __restrict w, long long K,
-                             const float* __restrict bias, bool gelu, float* __restrict tile) {
+// JDB_VEC weights as floats: fp32 strips, or int8 strips (--precision int8, nn.quant's layout), sign-
+// extended and converted in registers (GCC's __builtin_convertvector makes scalar code of this)
+static inline jdb_vec jdb_wload(const float* p) { return jdb_load(p); }
+static inline jdb_vec jdb_wload(const int8_t* p) {
+#if defined(__AVX512F__)
+    return (jdb_vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+    return (jdb_vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+    jdb_vec v; for (int i = 0; i < JDB_VEC; i++) v[i] = (float)p[i]; return v;
+#endif
+}
+
+// one strip: acc[MB][S] = xT[K][MB]^T . w[K][S] (w: the packed strip), then * scale (int8: the
+// strip's per-column scales), + bias, GELU if asked
+template <int MB, typename WT>
+static inline void jdb_strip(const float* __restrict xT, const WT* __restrict w, long long K,
+                             const float* __restrict scale, const float* __restrict bias, bool gelu,
+                             float* __restrict tile) {
     jdb_vec acc[MB][JDB_NV];
     for (int r = 0; r < MB; r++) for (int v = 0; v < JDB_NV; v++) acc[r][v] = (jdb_vec){};
     for (long long k = 0; k < K; k++, w += JDB_S) {
-        for (int v = 0; v < JDB_S * 4; v += 64) __builtin_prefetch(w + JDB_PF * JDB_S + v / 4);
+        const char* pf = (const char*)(w + JDB_PF * JDB_S);
+        for (int v = 0; v < JDB_S * (int)sizeof(WT); v += 64) __builtin_prefetch(pf + v);
         jdb_vec wv[JDB_NV];
-        for (int v = 0; v < JDB_NV; v++) wv[v] = jdb_load(w + v * JDB_VEC);
+        for (int v = 0; v < JDB_NV; v++) wv[v] = jdb_wload(w + v * JDB_VEC);
         for (int r = 0; r < MB; r++) {
             const float xs = xT[k * MB + r];
             for (int v = 0; v < JDB_NV; v++) acc[r][v] += xs * wv[v];
@@ -140,6 +157,7 @@ static inline void jdb_strip(const float* __restrict xT, const float* __restrict
     for (int r = 0; r < MB; r++)
         for (int v = 0; v < JDB_NV; v++) {
             jdb_vec y = acc[r][v];
+            if (scale) y *= jdb_load(scale + v * JDB_VEC);
             if (bias) y += jdb_load(bias + v * JDB_VEC);
             if (gelu) y = jdb_gelu(y);
             jdb_store(tile + r * JDB_S + v * JDB_VEC, y);
@@ -161,9 +179,11 @@ static inline bool jdb_take(std::atomic<unsigned long long>& a, bool front, long
     }
 }
 
-// Y[R, N] = epi(X[R, K] . W + bias) (+ resid), strips shared out as above. W packed [ceil(N/S)][K][S];
-// bias padded to a whole strip (or null). xT: this thread's scratch, R * K floats; ranges: one per thread.
-static void jdb_matmul(const float* X, long long R, long long K, const float* W, long long N,
+// Y[R, N] = epi(X[R, K] . W * scale + bias) (+ resid), strips shared out as above. W packed
+// [ceil(N/S)][K][S] (float or int8); scale (int8 only) and bias padded to whole strips (or null).
+// xT: this thread's scratch, R * K floats; ranges: one per thread.
+template <typename WT>
+static void jdb_matmul(const float* X, long long R, long long K, const WT* W, const float* scale, long long N,
                        const float* bias, bool gelu, const float* resid, float* Y,
                        int tid, int nt, float* xT, std::atomic<unsigned long long>* ranges) {
     const long long ns = (N + JDB_S - 1) / JDB_S, s0 = ns * tid / nt, s1 = ns * (tid + 1) / nt;
@@ -187,14 +207,15 @@ static void jdb_matmul(const float* X, long long R, long long K, const float* W,
             }
             if (!got) break;
         }
-        const float* w = W + s * K * JDB_S;
+        const WT* w = W + s * K * JDB_S;
+        const float* sc = scale ? scale + s * JDB_S : nullptr;
         const float* b = bias ? bias + s * JDB_S : nullptr;
         const long long j0 = s * JDB_S, cn = std::min<long long>(JDB_S, N - j0);
         for (long long r0 = 0; r0 < R; r0 += JDB_MB) {
             const int mb = (int)std::min<long long>(JDB_MB, R - r0);
             const float* xc = xT + r0 * K;
             switch (mb) {
-#define JDB_CASE(m) case m: jdb_strip<(m <= JDB_MB ? m : 1)>(xc, w, K, b, gelu, tile); break;
+#define JDB_CASE(m) case m: jdb_strip<(m <= JDB_MB ? m : 1), WT>(xc, w, K, sc, b, gelu, tile); break;
                 JDB_CASE(1) JDB_CASE(2) JDB_CASE(3) JDB_CASE(4) JDB_CASE(5) JDB_CASE(6)
                 JDB_CASE(7) JDB_CASE(8) JDB_CASE(9) JDB_CASE(10) JDB_CASE(11) JDB_CASE(12)
 #undef JDB_CASE
@@ -231,7 +252,7 @@ static void jdb_layernorm(const float* X, long long R, long long C, const float*
 # data: the DecodeCache's (t, cap, k/v buffer addresses, sqrt_d) and the packed block's address,
 # eps and the thread count. The packed block: ln_1 w, b, c_attn b, attn.c_proj b, ln_2 w, b, c_fc b,
 # mlp.c_proj b (each padded to whole strips), then the four weights as strips.
-_BLOCK_SRC = r"""
+_BLOCK_SHAPES = r"""
 const long long R = in0_shape0, C = in0_shape1, C3 = 3 * C, C4 = 4 * C;
 const long long H = in1_shape1, Tp = in1_shape2, D = in1_shape3, ld_path = in5_shape1;
 const long long t = (long long)data["t"], cap = (long long)data["cap"];
@@ -239,13 +260,8 @@ float* Kb = (float*)(uintptr_t)data["k_addr"];
 float* Vb = (float*)(uintptr_t)data["v_addr"];
 const float sqrt_d = (float)data["sqrt_d"], eps = (float)data["eps"];
 const int nt_asked = (int)data["threads"];
-const float* P = (const float*)(uintptr_t)data["w_addr"];
-const long long p1 = jdb_pad(C), p3 = jdb_pad(C3), p4 = jdb_pad(C4);
-const float* ln1w = P; const float* ln1b = ln1w + p1; const float* b_attn = ln1b + p1;
-const float* b_proj = b_attn + p3; const float* ln2w = b_proj + p1; const float* ln2b = ln2w + p1;
-const float* b_fc = ln2b + p1; const float* b_mp = b_fc + p4;
-const float* W_attn = P + (long long)data["w_off"];
-const float* W_proj = W_attn + C * p3; const float* W_fc = W_proj + C * p1; const float* W_mp = W_fc + C * p4;
+"""
+_BLOCK_BODY = r"""
 const float* X = in0_p; float* Y = out0_p;
 std::vector<float> shared((size_t)(R * (C3 + C + C + C4)));
 float* qkv = shared.data(); float* A = qkv + R * C3; float* X1 = A + R * C; float* F = X1 + R * C;
@@ -256,7 +272,7 @@ for (auto& a : ranges) a.store(0);
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<float> xT((size_t)(R * C4)), h((size_t)(R * C));
     jdb_layernorm(X, R, C, ln1w, ln1b, eps, h.data());
-    jdb_matmul(h.data(), R, C, W_attn, C3, b_attn, false, nullptr, qkv, tid, nt, xT.data(), ranges.data());
+    jdb_matmul(h.data(), R, C, W_attn, S_attn, C3, b_attn, false, nullptr, qkv, tid, nt, xT.data(), ranges.data());
     #pragma omp barrier
     {   // attention of each (row, head) over its prompt and its ancestry (as DecodeCache.attend)
         std::vector<float> w(Tp + t + 1);
@@ -272,24 +288,43 @@ for (auto& a : ranges) a.store(0);
                                w.data(), vrow.data(), A + r * C + hh * D);
             }
     }   // the for's barrier
-    jdb_matmul(A, R, C, W_proj, C, b_proj, false, X, X1, tid, nt, xT.data(), ranges.data());
+    jdb_matmul(A, R, C, W_proj, S_proj, C, b_proj, false, X, X1, tid, nt, xT.data(), ranges.data());
     #pragma omp barrier
     jdb_layernorm(X1, R, C, ln2w, ln2b, eps, h.data());
-    jdb_matmul(h.data(), R, C, W_fc, C4, b_fc, true, nullptr, F, tid, nt, xT.data(), ranges.data());
+    jdb_matmul(h.data(), R, C, W_fc, S_fc, C4, b_fc, true, nullptr, F, tid, nt, xT.data(), ranges.data());
     #pragma omp barrier
-    jdb_matmul(F, R, C4, W_mp, C, b_mp, false, X1, Y, tid, nt, xT.data(), ranges.data());
+    jdb_matmul(F, R, C4, W_mp, S_mp, C, b_mp, false, X1, Y, tid, nt, xT.data(), ranges.data());
 }
 """
+_BLOCK_SRC = _BLOCK_SHAPES + r"""
+const float* P = (const float*)(uintptr_t)data["w_addr"];
+const long long p1 = jdb_pad(C), p3 = jdb_pad(C3), p4 = jdb_pad(C4);
+const float* ln1w = P; const float* ln1b = ln1w + p1; const float* b_attn = ln1b + p1;
+const float* b_proj = b_attn + p3; const float* ln2w = b_proj + p1; const float* ln2b = ln2w + p1;
+const float* b_fc = ln2b + p1; const float* b_mp = b_fc + p4;
+const float* W_attn = P + (long long)data["w_off"];
+const float* W_proj = W_attn + C * p3; const float* W_fc = W_proj + C * p1; const float* W_mp = W_fc + C * p4;
+const float *S_attn = nullptr, *S_proj = nullptr, *S_fc = nullptr, *S_mp = nullptr;
+""" + _BLOCK_BODY
+# --precision int8: the same block with nn.quant's int8 strips, read from the QuantizedLinear tensors
+# in place: in6-in9 ln_1 w, b, ln_2 w, b; then per projection (c_attn, attn.c_proj, c_fc, mlp.c_proj)
+# its packed q [NS, K, 32] int8, scale and bias (both padded to whole strips).
+_BLOCK_INT8_SRC = _BLOCK_SHAPES + r"""
+const float* ln1w = in6_p; const float* ln1b = in7_p; const float* ln2w = in8_p; const float* ln2b = in9_p;
+const int8_t* W_attn = (const int8_t*)in10_p; const float* S_attn = in11_p; const float* b_attn = in12_p;
+const int8_t* W_proj = (const int8_t*)in13_p; const float* S_proj = in14_p; const float* b_proj = in15_p;
+const int8_t* W_fc = (const int8_t*)in16_p; const float* S_fc = in17_p; const float* b_fc = in18_p;
+const int8_t* W_mp = (const int8_t*)in19_p; const float* S_mp = in20_p; const float* b_mp = in21_p;
+""" + _BLOCK_BODY
 
 # in0 x [R, C] (before ln_f) -> out0 logits [R, V]. data: the packed head (ln_f w, b padded, then
 # wte^T as strips), V, eps, threads.
-_HEAD_SRC = r"""
+_HEAD_SHAPES = r"""
 const long long R = in0_shape0, C = in0_shape1, V = out0_shape1;
 const float eps = (float)data["eps"];
 const int nt_asked = (int)data["threads"];
-const float* P = (const float*)(uintptr_t)data["w_addr"];
-const float* lnw = P; const float* lnb = P + jdb_pad(C);
-const float* W = P + (long long)data["w_off"];
+"""
+_HEAD_BODY = r"""
 std::vector<std::atomic<unsigned long long>> ranges(std::max(nt_asked, 1) + 64);
 for (auto& a : ranges) a.store(0);
 #pragma omp parallel num_threads(nt_asked)
@@ -297,9 +332,20 @@ for (auto& a : ranges) a.store(0);
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<float> xT((size_t)(R * C)), h((size_t)(R * C));
     jdb_layernorm(in0_p, R, C, lnw, lnb, eps, h.data());
-    jdb_matmul(h.data(), R, C, W, V, nullptr, false, nullptr, out0_p, tid, nt, xT.data(), ranges.data());
+    jdb_matmul(h.data(), R, C, W, S_head, V, nullptr, false, nullptr, out0_p, tid, nt, xT.data(), ranges.data());
 }
 """
+_HEAD_SRC = _HEAD_SHAPES + r"""
+const float* P = (const float*)(uintptr_t)data["w_addr"];
+const float* lnw = P; const float* lnb = P + jdb_pad(C);
+const float* W = P + (long long)data["w_off"];
+const float* S_head = nullptr;
+""" + _HEAD_BODY
+# int8: in1/in2 ln_f w, b; in3 the head's int8 strips of wte^T, in4 their scales
+_HEAD_INT8_SRC = _HEAD_SHAPES + r"""
+const float* lnw = in1_p; const float* lnb = in2_p;
+const int8_t* W = (const int8_t*)in3_p; const float* S_head = in4_p;
+""" + _HEAD_BODY
 
 # in0 x [R, C] -> out0 [R, N]: x times the strips at data["addr"] (the packed head of a pack_model model,
 # for the prompt pass), threads: OpenMP's default.
@@ -312,7 +358,7 @@ for (auto& a : ranges) a.store(0);
 {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<float> xT((size_t)(R * C));
-    jdb_matmul(in0_p, R, C, W, N, nullptr, false, nullptr, out0_p, tid, nt, xT.data(), ranges.data());
+    jdb_matmul(in0_p, R, C, W, (const float*)nullptr, N, nullptr, false, nullptr, out0_p, tid, nt, xT.data(), ranges.data());
 }
 """
 
@@ -571,21 +617,65 @@ def _pack_var(dst: np.ndarray, w, transposed: bool = False) -> int:
 # ----------------------------------------------------------------------------------------------
 # The ops
 
-def block_step(x, attn_inputs, attn_data: dict, packed: PackedWeights, layer: int, eps: float, threads: int):
+def block_step(x, attn_inputs, attn_data: dict, packed, layer: int, eps: float, threads: int):
     """One fused block: x [R, C] -> [R, C]. ``attn_inputs``/``attn_data``: the DecodeCache's
-    (``DecodeCache.layer_inputs``)."""
+    (``DecodeCache.layer_inputs``); ``packed``: a :class:`PackedWeights` or :class:`Int8Blocks`."""
+    if isinstance(packed, Int8Blocks):
+        return jt.code(x.shape, "float32", [x] + list(attn_inputs) + packed.blocks[layer], cpu_header=_HEADER,
+                       cpu_src=_BLOCK_INT8_SRC, data=dict(attn_data, eps=float(eps), threads=float(threads)))
     data = dict(attn_data, w_addr=float(packed.block_addr[layer]), w_off=float(packed.block_w_off),
                 eps=float(eps), threads=float(threads))
     return jt.code(x.shape, "float32", [x] + list(attn_inputs), cpu_header=_HEADER, cpu_src=_BLOCK_SRC,
                    data=data)
 
 
-def head_step(x, packed: PackedWeights, eps: float, threads: int):
+def head_step(x, packed, eps: float, threads: int):
     """``ln_f`` and the tied head: x [R, C] -> logits [R, V]."""
+    if isinstance(packed, Int8Blocks):
+        return jt.code((x.shape[0], packed.vocab), "float32", [x] + packed.head, cpu_header=_HEADER,
+                       cpu_src=_HEAD_INT8_SRC, data=dict(eps=float(eps), threads=float(threads)))
     data = dict(w_addr=float(packed.head_addr), w_off=float(packed.head_w_off), eps=float(eps),
                 threads=float(threads))
     return jt.code((x.shape[0], packed.vocab), "float32", [x], cpu_header=_HEADER, cpu_src=_HEAD_SRC,
                    data=data)
+
+
+class Int8Blocks:
+    """What the int8 block and head ops read, in place (``--precision int8``, ``nn.quant``): per block
+    ``ln_1``/``ln_2`` and each projection's int8 strips, scales and bias (``QuantizedLinear``), then
+    ``ln_f`` and the ``QuantizedHead``'s strips and scales. No copy: the quantized model already
+    stores its weights as strips."""
+
+    def __init__(self, blocks: List[list], head: list, eps: float, vocab: int):
+        self.blocks, self.head, self.eps, self.vocab = blocks, head, float(eps), int(vocab)
+        self.n_blocks = len(blocks)
+        self.threads = None   # the FusedDecoders' ThreadChooser
+
+    @classmethod
+    def of_model(cls, model) -> Optional["Int8Blocks"]:
+        """From a model swapped by ``nn.quant.quantize_model`` (with its head), or None where a block
+        is not plain GPT-2 with four ``QuantizedLinear`` projections (InA keeps its fp32 path)."""
+        tr = model.transformer
+        qh = getattr(model, "quantized_head", None)
+        if qh is None or tr.is_train or not _is(tr.ln_f, "LayerNorm"):
+            return None
+        blocks, eps = [], set()
+        for block in tr.h:
+            if not (_is(block, "Block") and _is(block.attn, "Attention") and _is(block.mlp, "MLP")
+                    and _is(block.ln_1, "LayerNorm") and _is(block.ln_2, "LayerNorm")):
+                return None
+            vars_ = [block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias]
+            for parent_name, name, _ in _PROJECTIONS:
+                layer = getattr(getattr(block, parent_name), name)
+                q = getattr(layer, "q", None)
+                if type(layer).__name__ != "QuantizedLinear" or q is None or q.bias is None:
+                    return None
+                vars_ += [q.packed, q.scale, q.bias]
+            blocks.append(vars_)
+            eps |= {block.ln_1.eps, block.ln_2.eps}
+        if len(eps) != 1:
+            return None
+        return cls(blocks, [tr.ln_f.weight, tr.ln_f.bias, qh.q.packed, qh.q.scale], eps.pop(), qh.q.out_features)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,9 +731,18 @@ class FusedDecoder:
         packed copy, kept while its tensors keep their ids (repacked when they change, dropped when
         the model is back in train mode)."""
         own = getattr(model, "decode_packed", None)
-        if own is not None:
-            ok = fused_decode_enabled() and rows <= SMALL_ROWS_MAX and not model.transformer.is_train
-            return cls(model, own) if ok else None
+        if own is not None or getattr(model, "quantized", False):
+            if not fused_decode_enabled() or rows > SMALL_ROWS_MAX or model.transformer.is_train:
+                return None
+            if own is None:   # --precision int8: the quantized strips, read in place
+                hit = _PACKED.get(model)
+                if hit is None or not isinstance(hit[1], Int8Blocks):
+                    int8 = Int8Blocks.of_model(model)
+                    if int8 is None:
+                        return None
+                    hit = _PACKED[model] = (None, int8)
+                own = hit[1]
+            return cls(model, own)
         blocks = _fusable_blocks(model, rows)
         if blocks is None:
             _PACKED.pop(model, None)   # e.g. back in train mode: the copy is stale, free it
