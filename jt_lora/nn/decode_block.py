@@ -36,7 +36,9 @@ depend on it. The math equals the model's path to float rounding (tests: ``tests
 When it applies (:func:`FusedDecoder.for_model`): CPU fast path, ``JT_LORA_FUSED_DECODE`` not
 ``0``, the model in eval mode, float32, every block the plain GPT-2 block whose four projections
 are plain (LoRA / (IA)3 merged into the weights: no adapter left for the forward to apply; an InA
-layer never merges, so an InA model keeps the model's path), and no int8 weights. The packed copy
+layer never merges, so an InA model keeps the model's path). A model quantized by ``nn.quant``
+(``--precision int8``, with its head) runs the same ops on its int8 strips in place
+(:class:`Int8Blocks`; the strip kernel is templated on the weight type). The packed copy
 is keyed on the Jittor ids of every tensor it was built from (an ``update``/``assign`` gives a
 tensor a new id, and ``train()``/``eval()`` re-assign merged weights), so changed weights are
 repacked and a model in train mode drops its copy. (Writing into a weight's memory through
