@@ -61,6 +61,15 @@ from jittor import nn  # noqa: E402
 if hasattr(signal, "SIGCHLD"):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
+# Jittor compiles the new kernels of a graph in up to 8 threads. Twice a process died in one of them
+# (thread 'C3': a segfault at a near-null address, then "malloc_consolidate(): invalid chunk size"),
+# once in a test's training subprocess and once in scripts/bench.sh, at the start of a run, and never
+# again in dozens of reruns. Kernels are compiled on the calling thread instead (Jittor's serial path);
+# they are cached per machine, so only a first run pays (24 new kernels: 13.6-16.0 s instead of
+# 8.3-9.3 s on 2 cores). JT_LORA_PARALLEL_COMPILE=1 restores Jittor's default.
+if os.environ.get("JT_LORA_PARALLEL_COMPILE", "0") != "1":
+    jt.flags.use_parallel_op_compiler = 0
+
 # Jittor enables flush-to-zero; numpy then warns that float64's smallest subnormal is zero.
 warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
 

@@ -52,3 +52,13 @@ def test_forced_cpu_and_missing_cuda_error():
         pytest.skip("a CUDA device is present")
     proc = subprocess.run([sys.executable, "-c", "import jt_lora.backend"], capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "JT_LORA_DEVICE=cuda but the CUDA driver reports no device" in proc.stderr
+
+
+def test_kernels_compile_on_the_calling_thread_unless_asked():
+    """Jittor's parallel op compiler is off (two crashes in its threads); the switch restores it."""
+    assert jt.flags.use_parallel_op_compiler == 0
+    code = "from jt_lora.backend import jt; print(jt.flags.use_parallel_op_compiler)"
+    env = {**os.environ, "JT_LORA_PARALLEL_COMPILE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) > 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from ..backend import jt
-from .kernels import fast_path_available
+from .kernels import MASKED_SOFTMAX_CPP, fast_path_available
 
 __all__ = ["attention_core", "attention_core_applies"]
 
@@ -29,7 +29,7 @@ _HEADER = r"""
 extern "C" int dnnl_sgemm(char transa, char transb, long long M, long long N, long long K,
     float alpha, const float *A, long long lda, const float *B, long long ldb,
     float beta, float *C, long long ldc);
-"""
+""" + MASKED_SOFTMAX_CPP
 
 # in0 qkv [B, T, 3C]; in1 keep [Bk, Hk, T, T] (Bk in {1, B}, Hk in {1, H}); data heads, sqrt_d.
 _SHAPES = r"""
@@ -50,19 +50,7 @@ for (long long bh = 0; bh < B * H; bh++) {
     float* P = out1_p + bh * T * T;
     dnnl_sgemm('N', 'T', T, T, D, 1.f, Q, C3, K, C3, 0.f, P, T);
     const float* keep0 = in1_p + ((Bk == 1 ? 0 : b) * Hk + (Hk == 1 ? 0 : h)) * T * T;
-    for (long long i = 0; i < T; i++) {
-        float* p = P + i * T;
-        const float* keep = keep0 + i * T;
-        float m = -INFINITY;
-        for (long long j = 0; j < T; j++) {
-            const float x = p[j] / sqrt_d * keep[j] + (keep[j] - 1.f) * 1e10f;
-            p[j] = x;
-            m = x > m ? x : m;
-        }
-        float sum = 0.f;
-        for (long long j = 0; j < T; j++) { p[j] = std::exp(p[j] - m); sum += p[j]; }
-        for (long long j = 0; j < T; j++) p[j] /= sum;
-    }
+    for (long long i = 0; i < T; i++) jtl_masked_softmax_row(P + i * T, keep0 + i * T, T, sqrt_d, P + i * T);
     dnnl_sgemm('N', 'N', T, D, T, 1.f, P, T, V, C3, 0.f, out0_p + b * T * C + h * D, C);
 }
 """
@@ -88,14 +76,8 @@ _BACKWARD_SRC = _SHAPES + r"""
         dnnl_sgemm('T', 'N', T, D, T, 1.f, P, T, GA, C, 0.f, GV, C3);
         dnnl_sgemm('N', 'T', T, T, D, 1.f, GA, C, V, C3, 0.f, dP.data(), T);
         const float* keep0 = in1_p + ((Bk == 1 ? 0 : b) * Hk + (Hk == 1 ? 0 : h)) * T * T;
-        for (long long i = 0; i < T; i++) {
-            const float* p = P + i * T;
-            const float* keep = keep0 + i * T;
-            float* g = dP.data() + i * T;
-            float dot = 0.f;
-            for (long long j = 0; j < T; j++) dot += p[j] * g[j];
-            for (long long j = 0; j < T; j++) g[j] = p[j] * (g[j] - dot) * keep[j] / sqrt_d;
-        }
+        for (long long i = 0; i < T; i++)
+            jtl_masked_softmax_grad_row(P + i * T, dP.data() + i * T, keep0 + i * T, T, sqrt_d, dP.data() + i * T);
         dnnl_sgemm('N', 'N', T, D, T, 1.f, dP.data(), T, K, C3, 0.f, GQ, C3);
         dnnl_sgemm('T', 'N', T, D, T, 1.f, dP.data(), T, Q, C3, 0.f, GK, C3);
     }

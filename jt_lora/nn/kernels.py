@@ -20,7 +20,7 @@ from ..backend import cpu_flags, jt, nn, onednn_available, use_cuda
 from . import bf16 as _bf16
 
 __all__ = ["batched_matmul", "dense", "small_rows_matmul", "use_small_rows", "fast_path_available", "SMALL_ROWS_MAX",
-           "DECODE_ATTEND_CPP"]
+           "DECODE_ATTEND_CPP", "MASKED_SOFTMAX_CPP"]
 
 _HEADER = r"""
 extern "C" int dnnl_sgemm(char transa, char transb, long long M, long long N, long long K,
@@ -398,31 +398,38 @@ for (long long row = 0; row < B * H * Tq; row++) {
     const long long i = row % Tq, h = (row / Tq) % H, b = row / (Tq * H);
     const float* keep = in1_p + (((Bk == 1 ? 0 : b) * Hk + (Hk == 1 ? 0 : h)) * Tq + i) * Tk;
 """
-_SOFTMAX_SRC = _SOFTMAX_ROWS + r"""
-    const float* s = in0_p + row * Tk;
-    float* p = out0_p + row * Tk;
+# The reference's masked softmax of one row and its gradient (shared with nn.fused_attention).
+MASKED_SOFTMAX_CPP = r"""
+// p = softmax(s / sqrt_d * keep - 1e10 * (1 - keep)) over n entries (p may be s)
+static inline void jtl_masked_softmax_row(const float* s, const float* keep, long long n, float sqrt_d, float* p) {
     float m = -INFINITY;
-    for (long long j = 0; j < Tk; j++) {
+    for (long long j = 0; j < n; j++) {
         const float x = s[j] / sqrt_d * keep[j] + (keep[j] - 1.f) * 1e10f;
         p[j] = x;
         m = x > m ? x : m;
     }
     float sum = 0.f;
-    for (long long j = 0; j < Tk; j++) { p[j] = std::exp(p[j] - m); sum += p[j]; }
-    for (long long j = 0; j < Tk; j++) p[j] /= sum;
+    for (long long j = 0; j < n; j++) { p[j] = std::exp(p[j] - m); sum += p[j]; }
+    for (long long j = 0; j < n; j++) p[j] /= sum;
 }
-"""
-# in0 probs, in1 keep, in2 grad of probs -> out0 grad of scores: keep/sqrt(D) * p * (g - sum(p g))
-_SOFTMAX_GRAD_SRC = _SOFTMAX_ROWS + r"""
-    const float* p = in0_p + row * Tk;
-    const float* g = in2_p + row * Tk;
-    float* gs = out0_p + row * Tk;
+// the gradient w.r.t. s given p and the gradient g of p: keep / sqrt_d * p * (g - sum(p g)) (gs may be g)
+static inline void jtl_masked_softmax_grad_row(const float* p, const float* g, const float* keep, long long n,
+                                               float sqrt_d, float* gs) {
     float dot = 0.f;
-    for (long long j = 0; j < Tk; j++) dot += p[j] * g[j];
-    for (long long j = 0; j < Tk; j++) gs[j] = p[j] * (g[j] - dot) * keep[j] / sqrt_d;
+    for (long long j = 0; j < n; j++) dot += p[j] * g[j];
+    for (long long j = 0; j < n; j++) gs[j] = p[j] * (g[j] - dot) * keep[j] / sqrt_d;
 }
 """
-_SOFTMAX_HEADER = "#include <cmath>\n"
+_SOFTMAX_SRC = _SOFTMAX_ROWS + r"""
+    jtl_masked_softmax_row(in0_p + row * Tk, keep, Tk, sqrt_d, out0_p + row * Tk);
+}
+"""
+# in0 probs, in1 keep, in2 grad of probs -> out0 grad of scores
+_SOFTMAX_GRAD_SRC = _SOFTMAX_ROWS + r"""
+    jtl_masked_softmax_grad_row(in0_p + row * Tk, in2_p + row * Tk, keep, Tk, sqrt_d, out0_p + row * Tk);
+}
+"""
+_SOFTMAX_HEADER = "#include <cmath>\n" + MASKED_SOFTMAX_CPP
 
 
 class _AttentionSoftmax(jt.Function):
