@@ -15,7 +15,8 @@ import os
 import signal
 import warnings
 
-__all__ = ["jt", "nn", "cuda_device_count", "use_cuda", "onednn_available", "device_name", "cpu_flags"]
+__all__ = ["jt", "nn", "cuda_device_count", "use_cuda", "onednn_available", "device_name", "cpu_flags",
+           "release_freed_memory"]
 
 
 def cuda_device_count() -> int:
@@ -111,3 +112,15 @@ def onednn_available() -> bool:
     from jittor import compile_extern
 
     return getattr(compile_extern, "mkl_ops", None) is not None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by dropped tensors back to the OS (after swapping a model's weights for
+    packed or int8 ones): Jittor's allocator keeps freed blocks (``jt.gc()`` returns them to malloc)
+    and glibc keeps freed heap pages (``malloc_trim``)."""
+    jt.gc()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -35,3 +35,17 @@ def test_limits_flags_are_checked():
     proc = subprocess.run([sys.executable, "-m", "jt_lora.bench", "--mode", "limits", "--stream_mb", "0"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--stream_mb" in proc.stderr
+
+
+def test_table_takes_the_highest_limit_of_the_run(tmp_path):
+    """The machine moves between speed levels: a row's % is against the highest limit measured."""
+    rows = [{"mode": "limits", "when": "before", "gemm_gflops": 100.0, "read_gbps": 10.0},
+            {"mode": "train", "model": "gpt2.sm", "adapter": "lora", "batch": 8, "seq": 128, "gflops": 90.0,
+             "tokens_per_s": 1.0, "peak_rss_mb": 1.0, "pct_of_gemm_peak": 90.0},
+            {"mode": "beam", "model": "gpt2.sm", "adapter": "lora", "batch": 1, "beam": 10, "new_tokens": 64,
+             "streamed_gbps": 8.0, "tokens_per_s": 1.0, "peak_rss_mb": 1.0, "pct_of_read_limit": 80.0},
+            {"mode": "limits", "when": "after", "gemm_gflops": 150.0, "read_gbps": 16.0}]
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = bench.table(str(path))
+    assert "| 60% GEMM |" in out and "| 50% read |" in out and "uses the highest" in out

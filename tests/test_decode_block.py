@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from jt_lora import GPT2Config, GPT2LMModel
-from jt_lora.backend import jt
+from jt_lora.backend import jt, release_freed_memory
 from jt_lora.generation.beam import beam_search
 from jt_lora.generation.cache import DecodeCache
 from jt_lora.generation.steppers import last_logits, lm_head
 from jt_lora.nn import decode_block
-from jt_lora.nn.decode_block import FusedDecoder, PackedWeights, block_step
+from jt_lora.nn.decode_block import FusedDecoder, block_step
 from jt_lora.nn.kernels import fast_path_available
 
 pytestmark = pytest.mark.skipif(not fast_path_available(), reason="the fused decode step is CPU fast path only")
@@ -322,16 +322,16 @@ def test_packing_in_place_costs_no_second_copy():
     block_mb = 4 * 12 * 768 * 768 * 4 / 2 ** 20
     copy = _model(**kw)
     jt.sync_all()
-    decode_block._release_freed_memory()
+    release_freed_memory()
     before = _rss_mb()
     assert FusedDecoder.for_model(copy) is not None
     grown = _rss_mb() - before
     assert grown > 0.8 * block_mb                                # the copy mode: a second copy
     del copy
-    decode_block._release_freed_memory()
+    release_freed_memory()
     m = _model(**kw)
     jt.sync_all()
-    decode_block._release_freed_memory()
+    release_freed_memory()
     before = _rss_mb()
     decode_block.pack_model(m)
     assert _rss_mb() - before < 0.25 * block_mb, (_rss_mb() - before, block_mb)

@@ -63,7 +63,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..backend import jt
+from ..backend import jt, release_freed_memory
 from .kernels import DECODE_ATTEND_CPP, SMALL_ROWS_MAX, fast_path_available
 
 __all__ = ["FusedDecoder", "PackedWeights", "PackedLinear", "pack_model", "block_step", "head_step",
@@ -851,17 +851,6 @@ _PROJECTIONS = (("attn", "c_attn", "attn"), ("attn", "c_proj", "proj"), ("mlp", 
                 ("mlp", "c_proj", "mproj"))
 
 
-def _release_freed_memory() -> None:
-    """Give memory freed by dropped tensors back to the OS: Jittor's allocator keeps freed blocks
-    (``jt.gc()`` returns them to malloc) and glibc keeps freed heap pages (``malloc_trim``)."""
-    jt.gc()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def pack_model(model, rows: int = 1) -> Optional[dict]:
     """Make the packed strips the model's only copy of its block weights and of ``wte``, for
     inference-only callers (``jt_lora.generate``, ``jt_lora.bench``): each block's four projections
@@ -895,10 +884,10 @@ def pack_model(model, rows: int = 1) -> Optional[dict]:
             setattr(getattr(block, parent_name), name,
                     PackedLinear(packed, i, key, None if bias is None else bias.stop_grad()))
         del t, bias
-        _release_freed_memory()
+        release_freed_memory()
     packed.pack_head(tr.ln_f, tr.wte.weight)
     tr.wte = PackedEmbedding(packed)
-    _release_freed_memory()
+    release_freed_memory()
     model.decode_packed, model.packed_head = packed, PackedHead(packed)
     return {"blocks": packed.n_blocks, "bytes": packed.nbytes, "hugepages": packed.hugepages}
 

@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..backend import cpu_flags, jt
+from ..backend import cpu_flags, jt, release_freed_memory
 from .kernels import SMALL_ROWS_MAX, fast_path_available
 
 __all__ = ["PRECISIONS", "STRIP", "check_precision", "quantize_per_channel", "dequantize", "Int8Weight",
@@ -362,6 +362,7 @@ def quantize_model(model, head: bool = True) -> dict:
             fp32_bytes += int(np.prod(getattr(parent, name).weight.shape)) * 4
             int8_bytes += _quantize_layer(parent, name).nbytes
             layers += 1
+        release_freed_memory()   # this block's fp32 weights, before the next is quantized
     if head:
         wte = model.transformer.wte.weight
         model.quantized_head = QuantizedHead(wte.numpy())
