@@ -66,8 +66,8 @@ import numpy as np
 from ..backend import jt, release_freed_memory
 from .kernels import DECODE_ATTEND_CPP, SMALL_ROWS_MAX, fast_path_available
 
-__all__ = ["FusedDecoder", "PackedWeights", "PackedLinear", "pack_model", "block_step", "head_step",
-           "fused_decode_enabled", "decode_threads", "plain_dense", "STRIP"]
+__all__ = ["FusedDecoder", "PackedWeights", "Int8Blocks", "PackedLinear", "PackedEmbedding", "PackedHead",
+           "pack_model", "block_step", "head_step", "fused_decode_enabled", "decode_threads", "plain_dense", "STRIP"]
 
 STRIP = 32          # output columns per packed strip
 _ALIGN = 2 << 20    # huge-page alignment of the packed buffer
@@ -478,10 +478,15 @@ def _is(obj, name: str) -> bool:
     return type(obj).__name__ == name and type(obj).__module__.endswith("models.gpt2")
 
 
+def _plain_gpt2_block(block) -> bool:
+    """The model's own GPT-2 block (attention, MLP, two layer norms): what the block op computes."""
+    return (_is(block, "Block") and _is(block.attn, "Attention") and _is(block.mlp, "MLP")
+            and _is(block.ln_1, "LayerNorm") and _is(block.ln_2, "LayerNorm"))
+
+
 def _block_tensors(block):
     """The tensors of one block in packing order, or None when the block cannot be fused."""
-    if not (_is(block, "Block") and _is(block.attn, "Attention") and _is(block.mlp, "MLP")
-            and _is(block.ln_1, "LayerNorm") and _is(block.ln_2, "LayerNorm")):
+    if not _plain_gpt2_block(block):
         return None
     if block.is_train or block.ln_1.eps != block.ln_2.eps:
         return None
@@ -663,8 +668,7 @@ class Int8Blocks:
             return None
         blocks, eps = [], set()
         for block in tr.h:
-            if not (_is(block, "Block") and _is(block.attn, "Attention") and _is(block.mlp, "MLP")
-                    and _is(block.ln_1, "LayerNorm") and _is(block.ln_2, "LayerNorm")):
+            if not _plain_gpt2_block(block):
                 return None
             vars_ = [block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias]
             for parent_name, name, _ in _PROJECTIONS:
