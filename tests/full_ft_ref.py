@@ -1,7 +1,7 @@
 """PyTorch reference for full fine-tuning, written from microsoft/LoRA's definitions (run in a
 subprocess: torch and Jittor must not share a process).
 
-Usage: ``python full_ft_ref.py BASE_DIR DATA.jsonl OUT.npz STEPS LR WD LABEL_SMOOTH``. Loads the base
+Usage: ``python full_ft_ref.py BASE_DIR DATA.jsonl OUT.npz STEPS LR WD LABEL_SMOOTH [ADAM_EPS]``. Loads the base
 with transformers, builds the batch as LoRA's FT_Dataset does (input = context + completion,
 target = input shifted by one, mask on the completion predictions), and takes STEPS steps of the
 reference AdamW (bias correction on, weight decay after the Adam step) on the loss
@@ -29,7 +29,7 @@ def batch(path):
     return torch.tensor(inp), torch.tensor(tgt), torch.tensor(msk, dtype=torch.float32)
 
 
-def main(base, data, out, steps, lr, wd, smooth, beta1=0.9, beta2=0.999, eps=1e-6):
+def main(base, data, out, steps, lr, wd, smooth, eps=1e-6, beta1=0.9, beta2=0.999):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel.from_pretrained(base).train()
     inp, tgt, msk = batch(data)
@@ -58,4 +58,4 @@ def main(base, data, out, steps, lr, wd, smooth, beta1=0.9, beta2=0.999, eps=1e-
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], a[2], int(a[3]), float(a[4]), float(a[5]), float(a[6]))
+    main(a[0], a[1], a[2], int(a[3]), float(a[4]), float(a[5]), float(a[6]), *([float(a[7])] if len(a) > 7 else []))
