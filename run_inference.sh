@@ -23,7 +23,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
+command -v "$PY" >/dev/null 2>&1 || PY=python3   # PYTHON may be a path or a command name
 for a in "$@"; do
   if [ "$a" = "-h" ] || [ "$a" = "--help" ]; then
     echo "usage: [ENV=...] ./run_inference.sh [jt_lora.generate flags]"

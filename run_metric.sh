@@ -10,10 +10,12 @@
 # The reference and prediction files default to e2e_ref.txt and e2e_pred.txt beside the sample
 # file; the vocabulary defaults to the gpt2-vocab asset. METEOR needs Java (apt-get install
 # default-jre-headless). A bad input or an I/O fault stops with one line naming the file.
+# PYTHON: the interpreter (default .venv/bin/python when present, else python3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY="python3"; fi
+PY="${PYTHON:-$ROOT/.venv/bin/python}"   # PYTHON (a path or a command name) overrides the project's .venv
+command -v "$PY" >/dev/null 2>&1 || PY=python3
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 usage_text() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }

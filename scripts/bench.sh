@@ -9,7 +9,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
+command -v "$PY" >/dev/null 2>&1 || PY=python3   # PYTHON may be a path or a command name
 OUT="$ROOT/bench_results"
 STEPS="${STEPS:-3}"
 mkdir -p "$OUT"

@@ -77,12 +77,26 @@ def test_run_inference_names_its_output_after_the_final_flags(fake_python, tmp_p
     (["bash", "examples/BoolQ/finetune_boolq.sh", "--help"], "usage: [ENV=...]", "usage: finetune.sh"),
 ])
 def test_wrapper_help_prints_its_usage_first_then_pythons(cmd, first, python_help, tmp_path):
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "nowhere"), "WORK_DIR": str(tmp_path / "work")}
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "nowhere"), "WORK_DIR": str(tmp_path / "work"),
+           "PYTHON": sys.executable}   # this interpreter, whether or not the project has a .venv
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(first) and python_help in out.stdout
     assert out.stdout.index(first) < out.stdout.index(python_help)
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("cmd", [["bash", "finetune.sh", "--help"], ["bash", "run_inference.sh", "--help"],
+                                 ["bash", "run_metric.sh", "-h"], ["bash", "examples/BoolQ/eval_boolq.sh", "--help"]])
+def test_every_driver_runs_the_interpreter_named_by_PYTHON(cmd, tmp_path):
+    stub = tmp_path / "stub-python"
+    stub.write_text('#!/bin/sh\necho "stub interpreter: $*"\n')
+    stub.chmod(0o755)
+    for python in (str(stub), stub.name):   # a path, or a command name found on PATH
+        env = {**os.environ, "PYTHON": python, "PATH": f"{tmp_path}:{os.environ['PATH']}",
+               "WORK_DIR": str(tmp_path / "work")}
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "stub interpreter: " in out.stdout, (python, out.stdout[-500:], out.stderr[-500:])
 
 
 # ---------------------------------------------------------------------------------------------- help

@@ -6,8 +6,10 @@ when it (or Java) is absent.
 """
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,7 +194,7 @@ def test_run_metric_sh_decodes_then_scores(tmp_path):
     sample = write_jsonl(tmp_path / "predict.jsonl",
                          [{"id": i, "predict": tok.encode(p) + [50256]} for i, p in enumerate(preds)])
     proc = subprocess.run(["bash", str(ROOT / "run_metric.sh"), "--sample_file", sample, "--input_file", inp],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(scores) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
