@@ -8,13 +8,7 @@
 # mpirun, default 1), PYTHON (default .venv/bin/python when present, else python3). --help shows all.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [ -n "${PYTHON:-}" ]; then
-  PY="$PYTHON"
-elif [ -x "$ROOT/.venv/bin/python" ]; then
-  PY="$ROOT/.venv/bin/python"
-else
-  PY=python3
-fi
+source "$ROOT/scripts/pick_python.sh"
 DATA_DIR="${DATA_DIR:-$ROOT/data/e2e_prepared}"
 CKPT="${CKPT:-$ROOT/pretrained_checkpoints/gpt2-medium-pytorch_model.bin}"
 NPROC="${NPROC:-1}"

@@ -22,8 +22,7 @@
 #                    --input_file DATA_DIR/test_formatted.jsonl
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-command -v "$PY" >/dev/null 2>&1 || PY=python3   # PYTHON may be a path or a command name
+source "$ROOT/scripts/pick_python.sh"
 for a in "$@"; do
   if [ "$a" = "-h" ] || [ "$a" = "--help" ]; then
     echo "usage: [ENV=...] ./run_inference.sh [jt_lora.generate flags]"

@@ -14,8 +14,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"   # PYTHON (a path or a command name) overrides the project's .venv
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+source "$ROOT/scripts/pick_python.sh"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 usage_text() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }

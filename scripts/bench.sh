@@ -8,8 +8,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-command -v "$PY" >/dev/null 2>&1 || PY=python3   # PYTHON may be a path or a command name
+source "$ROOT/scripts/pick_python.sh"
 OUT="$ROOT/bench_results"
 STEPS="${STEPS:-3}"
 mkdir -p "$OUT"

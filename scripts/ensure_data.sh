@@ -13,8 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 COMMAND="${1:-bash scripts/demo.sh}"
 # Any Python 3 will do: jt_lora.io.assets needs only the standard library, and .venv may not exist yet.
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+source "$ROOT/scripts/pick_python.sh"
 
 # Run from $ROOT: `python -m` puts the current directory first on sys.path, so this clone's
 # jt_lora is the one asked, whatever else is installed.

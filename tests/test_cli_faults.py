@@ -87,7 +87,8 @@ def test_wrapper_help_prints_its_usage_first_then_pythons(cmd, first, python_hel
 
 
 @pytest.mark.parametrize("cmd", [["bash", "finetune.sh", "--help"], ["bash", "run_inference.sh", "--help"],
-                                 ["bash", "run_metric.sh", "-h"], ["bash", "examples/BoolQ/eval_boolq.sh", "--help"]])
+                                 ["bash", "run_metric.sh", "-h"], ["bash", "examples/BoolQ/eval_boolq.sh", "--help"],
+                                 ["bash", "scripts/ensure_data.sh"]])
 def test_every_driver_runs_the_interpreter_named_by_PYTHON(cmd, tmp_path):
     stub = tmp_path / "stub-python"
     stub.write_text('#!/bin/sh\necho "stub interpreter: $*"\n')
@@ -97,6 +98,12 @@ def test_every_driver_runs_the_interpreter_named_by_PYTHON(cmd, tmp_path):
                "WORK_DIR": str(tmp_path / "work")}
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "stub interpreter: " in out.stdout, (python, out.stdout[-500:], out.stderr[-500:])
+    # a PYTHON that is not there stops with one line, not a silent switch to another interpreter
+    env = {**os.environ, "PYTHON": str(tmp_path / "no-such-python"), "WORK_DIR": str(tmp_path / "work")}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", (out.stdout[-500:], out.stderr[-500:])
+    _one_error_line(out.stderr, f"PYTHON={tmp_path / 'no-such-python'}")
+    assert not (tmp_path / "work").exists()
 
 
 # ---------------------------------------------------------------------------------------------- help

@@ -8,8 +8,7 @@
 #   SEQ_LEN     must equal prepare_boolq.py --seq_len (passages were cut to fit it), default 512
 #   PYTHON      interpreter (default .venv/bin/python when present)
 BOOLQ_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-PY="${PYTHON:-$BOOLQ_ROOT/.venv/bin/python}"
-command -v "$PY" >/dev/null 2>&1 || PY=python3   # PYTHON may be a path or a command name
+ROOT="$BOOLQ_ROOT" source "$BOOLQ_ROOT/scripts/pick_python.sh"
 DATA_DIR="${DATA_DIR:-$BOOLQ_ROOT/data/boolq_prepared}"
 WORK_DIR="${WORK_DIR:-$BOOLQ_ROOT/trained_models/GPT2_M/boolq}"
 CKPT="${CKPT:-$BOOLQ_ROOT/pretrained_checkpoints/gpt2-medium-pytorch_model.bin}"
